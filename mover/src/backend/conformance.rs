@@ -1,0 +1,89 @@
+//! One behaviour suite that every backend must pass. Called from each backend's tests (the S3 one runs
+//! against a real S3 server the tests start themselves).
+
+use bytes::Bytes;
+
+use super::Backend;
+use crate::error::Error;
+
+/// Runs the suite against an empty backend location. Panics on the first violation.
+pub async fn run(b: &dyn Backend) {
+    // Empty listings and missing keys.
+    assert!(
+        b.list("").await.expect("list empty").is_empty(),
+        "fresh location must be empty"
+    );
+    assert!(
+        matches!(b.get("index/nothing").await, Err(Error::NotFound(_))),
+        "missing key must be NotFound"
+    );
+    b.delete("index/nothing")
+        .await
+        .expect("deleting a missing key is fine");
+
+    // Put / get / range.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    b.put("data/ab/abcd", Bytes::from(data.clone()))
+        .await
+        .expect("put");
+    assert_eq!(b.get("data/ab/abcd").await.expect("get"), data);
+    assert_eq!(
+        b.get_range("data/ab/abcd", 1000, 5000)
+            .await
+            .expect("range"),
+        data[1000..6000]
+    );
+    assert_eq!(
+        b.get_range("data/ab/abcd", 299_990, 10)
+            .await
+            .expect("tail range"),
+        data[299_990..]
+    );
+    assert!(
+        b.get_range("data/ab/abcd", 299_990, 100).await.is_err(),
+        "range past the end must fail"
+    );
+    assert!(
+        b.get_range("data/ab/none", 0, 1).await.is_err(),
+        "range of a missing key must fail"
+    );
+
+    // Empty objects.
+    b.put("keys/empty", Bytes::new()).await.expect("put empty");
+    assert!(b.get("keys/empty").await.expect("get empty").is_empty());
+
+    // Listing by prefix, with sizes, sorted.
+    b.put("index/2", Bytes::from_static(b"two"))
+        .await
+        .expect("put");
+    b.put("index/1", Bytes::from_static(b"1"))
+        .await
+        .expect("put");
+    b.put("indexes-not/1", Bytes::from_static(b"x"))
+        .await
+        .expect("put");
+    let l = b.list("index/").await.expect("list");
+    let keys: Vec<_> = l.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    assert_eq!(keys, vec![("index/1", 1), ("index/2", 3)]);
+    let all = b.list("data/").await.expect("list data");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].size, data.len() as u64);
+
+    // Overwrite with identical content is allowed (content-addressed retries).
+    b.put("index/1", Bytes::from_static(b"1"))
+        .await
+        .expect("re-put");
+
+    // Many objects (exercises pagination on S3).
+    for i in 0..1100 {
+        b.put(&format!("snapshots/{i:05}"), Bytes::from(vec![1u8; i % 3]))
+            .await
+            .expect("put many");
+    }
+    assert_eq!(b.list("snapshots/").await.expect("list many").len(), 1100);
+
+    // Delete.
+    b.delete("index/2").await.expect("delete");
+    assert!(matches!(b.get("index/2").await, Err(Error::NotFound(_))));
+    assert_eq!(b.list("index/").await.expect("list").len(), 1);
+}

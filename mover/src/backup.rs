@@ -1,0 +1,621 @@
+//! Backup: walk a directory (or read a block device), split files into chunks, store the new ones.
+//!
+//! Pipeline, all stages bounded so memory depends on configuration, not data size:
+//!
+//! ```text
+//! walker thread ──files──► reader threads (read, chunk, hash, dedup) ──new blobs──► worker threads
+//!   (trees, post-order)                                                 (compress, encrypt, pack)
+//!                                                                               │ full packs
+//!                                               async uploads (N concurrent) ◄──┘
+//!                                               └─► index segment every 64 packs and at the end
+//! ```
+//!
+//! Packs are stored before the index segment naming them, and the snapshot after its index, so an
+//! interrupted backup leaves only unreferenced packs, never a dangling reference.
+//! A file whose type, size and mtime match its entry in the parent snapshot is not read again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use crossbeam_channel as cb;
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::chunker::Chunker;
+use crate::error::{Error, Result};
+use crate::fsmeta;
+use crate::id::{BlobId, SnapshotId};
+use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
+use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
+use crate::progress::{Phase, Progress};
+use crate::repo::Repository;
+use crate::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
+use crate::tree::{Node, NodeKind, Tree};
+
+/// Which snapshot to compare against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ParentSpec {
+    /// The latest snapshot with the same path, source kind, host and tags.
+    #[default]
+    Auto,
+    /// No parent: read everything.
+    None,
+    /// `latest` or an id (prefix).
+    Snapshot(String),
+}
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Directory (or single file) to back up; with `block_device`, the device or image file.
+    pub path: PathBuf,
+    /// Back up the raw content of a block device or image file.
+    pub block_device: bool,
+    /// Parent snapshot selection.
+    pub parent: ParentSpec,
+    /// Tags to record.
+    pub tags: BTreeMap<String, String>,
+    /// Host name to record (defaults to this machine's).
+    pub hostname: Option<String>,
+    /// Threads that read and chunk files.
+    pub readers: usize,
+    /// Threads that compress and encrypt.
+    pub workers: usize,
+    /// Concurrent pack uploads.
+    pub uploads: usize,
+}
+
+impl BackupOptions {
+    /// Defaults for `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        BackupOptions {
+            path: path.into(),
+            block_device: false,
+            parent: ParentSpec::Auto,
+            tags: BTreeMap::new(),
+            hostname: None,
+            readers: 2,
+            workers: cpus,
+            uploads: 3,
+        }
+    }
+}
+
+/// A blob on its way to a pack.
+struct NewBlob {
+    kind: BlobKind,
+    id: BlobId,
+    data: Bytes,
+}
+
+/// A file to read.
+struct FileJob {
+    path: PathBuf,
+    reply: cb::Sender<Result<Vec<BlobId>>>,
+}
+
+/// State shared by the pipeline's threads.
+struct Shared {
+    repo: Arc<Repository>,
+    chunker: Chunker,
+    index: Arc<Index>,
+    inflight: Mutex<HashSet<BlobId>>,
+    progress: Arc<Progress>,
+    rt: tokio::runtime::Handle,
+    read_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Queues a blob unless the repository or this backup already has it.
+    fn store(&self, tx: &cb::Sender<NewBlob>, kind: BlobKind, data: Bytes) -> Result<BlobId> {
+        let id = self.repo.keys().blob_id(&data);
+        if self.index.contains(&id) {
+            return Ok(id);
+        }
+        if !self.inflight.lock().expect("inflight lock").insert(id) {
+            return Ok(id);
+        }
+        if kind == BlobKind::Data {
+            Progress::add(&self.progress.bytes_new, data.len() as u64);
+        }
+        tx.send(NewBlob { kind, id, data })
+            .map_err(|_| pipeline_stopped())?;
+        Ok(id)
+    }
+
+    /// Reads, chunks and stores one file.
+    fn read_file(&self, path: &Path, tx: &cb::Sender<NewBlob>) -> Result<Vec<BlobId>> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let mut ids = Vec::new();
+        self.chunker.chunk_stream(
+            f,
+            |chunk| {
+                self.progress.check()?;
+                let n = chunk.len() as u64;
+                ids.push(self.store(tx, BlobKind::Data, chunk)?);
+                Progress::add(&self.progress.bytes_done, n);
+                self.read_bytes
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            },
+            |e| Error::io(path, e),
+        )?;
+        Ok(ids)
+    }
+
+    fn parent_tree(&self, id: &BlobId) -> Result<Tree> {
+        self.rt.block_on(self.repo.read_tree(id))
+    }
+}
+
+fn pipeline_stopped() -> Error {
+    Error::Invalid("the backup pipeline stopped (see the first error)".into())
+}
+
+/// Counts kept by the walker.
+#[derive(Default)]
+struct WalkStats {
+    files: u64,
+    dirs: u64,
+    bytes: u64,
+}
+
+struct Walker<'a> {
+    shared: &'a Shared,
+    jobs: cb::Sender<FileJob>,
+    blobs: cb::Sender<NewBlob>,
+    stats: WalkStats,
+    /// (device, inode) of multiply-linked files -> hard-link group number.
+    links: std::collections::HashMap<(u64, u64), u64>,
+}
+
+fn same_file(parent: &Node, now: &Node) -> bool {
+    matches!(parent.kind, NodeKind::File { .. })
+        && parent.size == now.size
+        && parent.mtime_sec == now.mtime_sec
+        && parent.mtime_nsec == now.mtime_nsec
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        names.push(e.map_err(|e| Error::io(dir, e))?.file_name());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+impl Walker<'_> {
+    fn file_content(
+        &mut self,
+        path: PathBuf,
+        node: &Node,
+        parent: Option<&Node>,
+    ) -> Result<Option<cb::Receiver<Result<Vec<BlobId>>>>> {
+        self.stats.bytes += node.size;
+        if let Some(p) = parent
+            && same_file(p, node)
+            && let NodeKind::File { content } = &p.kind
+            && content.iter().all(|c| self.shared.index.contains(c))
+        {
+            Progress::add(&self.shared.progress.bytes_done, node.size);
+            Progress::add(&self.shared.progress.files_done, 1);
+            return Ok(Some(ready(content.clone())));
+        }
+        let (reply, rx) = cb::bounded(1);
+        self.jobs
+            .send(FileJob { path, reply })
+            .map_err(|_| pipeline_stopped())?;
+        Ok(Some(rx))
+    }
+
+    fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId> {
+        self.shared.progress.check()?;
+        self.stats.dirs += 1;
+        let mut nodes = Vec::new();
+        let mut pending = Vec::new();
+        let mut subdirs = Vec::new();
+        for name in sorted_entries(dir)? {
+            let path = dir.join(&name);
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished since readdir
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            let mut node = fsmeta::node_from(&name, &path, &meta)?;
+            if !meta.is_dir() && meta.nlink() > 1 {
+                let next = self.links.len() as u64;
+                node.hardlink = Some(*self.links.entry((meta.dev(), meta.ino())).or_insert(next));
+            }
+            let pnode = parent.and_then(|t| t.find(&node.name));
+            match node.kind {
+                NodeKind::Dir { .. } => subdirs.push((nodes.len(), path)),
+                NodeKind::File { .. } => {
+                    self.stats.files += 1;
+                    if let Some(rx) = self.file_content(path, &node, pnode)? {
+                        pending.push((nodes.len(), rx));
+                    }
+                }
+                _ => {
+                    self.stats.files += 1;
+                    Progress::add(&self.shared.progress.files_done, 1);
+                }
+            }
+            nodes.push(node);
+        }
+        for (i, path) in subdirs {
+            let ptree = match parent.and_then(|t| t.find(&nodes[i].name)).map(|n| &n.kind) {
+                Some(NodeKind::Dir { subtree }) => Some(self.shared.parent_tree(subtree)?),
+                _ => None,
+            };
+            let id = self.walk_dir(&path, ptree.as_ref())?;
+            nodes[i].kind = NodeKind::Dir { subtree: id };
+        }
+        for (i, rx) in pending {
+            let content = rx.recv().map_err(|_| pipeline_stopped())??;
+            nodes[i].kind = NodeKind::File { content };
+        }
+        let tree = Tree::new(nodes).to_bytes()?;
+        self.shared
+            .store(&self.blobs, BlobKind::Tree, Bytes::from(tree))
+    }
+
+    /// A single file or device as the only entry of a root tree.
+    fn walk_single(&mut self, path: &Path, block: bool, parent: Option<&Tree>) -> Result<BlobId> {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| "volume".into());
+        let mut node = fsmeta::node_from(&name, path, &meta)?;
+        if block {
+            let ft = meta.file_type();
+            if !(ft.is_block_device() || ft.is_file()) {
+                return Err(Error::Invalid(format!(
+                    "{}: not a block device or regular file",
+                    path.display()
+                )));
+            }
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            node.size = f.seek(SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
+            node.kind = NodeKind::File {
+                content: Vec::new(),
+            };
+            node.hardlink = None;
+        }
+        self.stats.files = 1;
+        self.stats.dirs = 1;
+        if let NodeKind::File { .. } = node.kind {
+            // A block device's mtime says nothing about its content: always read it (dedup still applies).
+            let pnode = if block {
+                None
+            } else {
+                parent.and_then(|t| t.find(&node.name))
+            };
+            if let Some(rx) = self.file_content(path.to_path_buf(), &node, pnode)? {
+                node.kind = NodeKind::File {
+                    content: rx.recv().map_err(|_| pipeline_stopped())??,
+                };
+            }
+        }
+        let tree = Tree::new(vec![node]).to_bytes()?;
+        self.shared
+            .store(&self.blobs, BlobKind::Tree, Bytes::from(tree))
+    }
+}
+
+fn ready(content: Vec<BlobId>) -> cb::Receiver<Result<Vec<BlobId>>> {
+    let (tx, rx) = cb::bounded(1);
+    let _ = tx.send(Ok(content));
+    rx
+}
+
+/// Sums sizes ahead of the backup so progress has totals.
+fn scan_totals(path: &Path, block: bool, progress: &Progress) {
+    if block {
+        if let Ok(mut f) = std::fs::File::open(path)
+            && let Ok(n) = f.seek(SeekFrom::End(0))
+        {
+            progress.set_totals(1, n);
+        }
+        return;
+    }
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if progress.is_canceled() {
+            return;
+        }
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else {
+            files += 1;
+            if m.is_file() {
+                bytes += m.len();
+            }
+        }
+    }
+    progress.set_totals(files, bytes);
+}
+
+/// The outcome of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// The new snapshot's id.
+    pub id: SnapshotId,
+    /// The snapshot.
+    pub snapshot: Snapshot,
+}
+
+async fn resolve_parent(
+    repo: &Repository,
+    opts: &BackupOptions,
+    path: &str,
+    host: &str,
+) -> Result<Option<(SnapshotId, Snapshot)>> {
+    match &opts.parent {
+        ParentSpec::None => Ok(None),
+        ParentSpec::Snapshot(s) => repo.find_snapshot(s).await.map(Some),
+        ParentSpec::Auto => {
+            let kind = if opts.block_device {
+                SourceKind::Block
+            } else {
+                SourceKind::Filesystem
+            };
+            Ok(repo.snapshots().await?.into_iter().rev().find(|(_, s)| {
+                s.path == path && s.source == kind && s.hostname == host && s.tags == opts.tags
+            }))
+        }
+    }
+}
+
+/// Backs up `opts.path` into `repo`, reporting through `progress`.
+pub async fn backup(
+    repo: Arc<Repository>,
+    opts: BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let start_time = SystemTime::now();
+    let path = std::path::absolute(&opts.path).map_err(|e| Error::io(&opts.path, e))?;
+    std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+    let path_str = path.to_string_lossy().into_owned();
+    let host = opts.hostname.clone().unwrap_or_else(crate::repo::hostname);
+    let index = repo.index().await?;
+    let parent = resolve_parent(&repo, &opts, &path_str, &host).await?;
+    let parent_tree = match &parent {
+        Some((_, s)) => Some(repo.read_tree(&s.tree).await?),
+        None => None,
+    };
+    progress.set_phase(Phase::Running);
+
+    let shared = Arc::new(Shared {
+        chunker: Chunker::new(repo.keys().chunker_key(), repo.config().chunker),
+        repo: repo.clone(),
+        index,
+        inflight: Mutex::new(HashSet::new()),
+        progress: progress.clone(),
+        rt: tokio::runtime::Handle::current(),
+        read_bytes: Default::default(),
+    });
+    let pack_size = repo.config().pack_size as usize;
+    let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
+
+    // The walker thread owns the whole synchronous pipeline and tears it down in order.
+    let walker = {
+        let shared = shared.clone();
+        let opts = opts.clone();
+        let path = path.clone();
+        std::thread::Builder::new()
+            .name("ferry-walk".into())
+            .spawn(move || -> Result<(BlobId, WalkStats)> {
+                {
+                    let progress = shared.progress.clone();
+                    let (p, b) = (path.clone(), opts.block_device);
+                    std::thread::spawn(move || scan_totals(&p, b, &progress));
+                }
+                let (blob_tx, blob_rx) = cb::bounded::<NewBlob>(opts.workers.max(1) * 2);
+                let (job_tx, job_rx) = cb::bounded::<FileJob>(256);
+                let packers = Arc::new([
+                    Mutex::new(PackWriter::new(BlobKind::Data, pack_size)),
+                    Mutex::new(PackWriter::new(BlobKind::Tree, pack_size / 4)),
+                ]);
+                let workers: Vec<_> = (0..opts.workers.max(1))
+                    .map(|_| {
+                        let (rx, tx, shared, packers) = (
+                            blob_rx.clone(),
+                            pack_tx.clone(),
+                            shared.clone(),
+                            packers.clone(),
+                        );
+                        std::thread::spawn(move || -> Result<()> {
+                            for b in rx {
+                                let stored =
+                                    pack::encode_blob(shared.repo.keys(), b.kind, &b.data)?;
+                                let full = {
+                                    let mut p = packers[(b.kind == BlobKind::Tree) as usize]
+                                        .lock()
+                                        .expect("packer lock");
+                                    p.add(b.id, b.data.len(), &stored);
+                                    if p.is_full() {
+                                        Some(p.finish(shared.repo.keys())?)
+                                    } else {
+                                        None
+                                    }
+                                };
+                                if let Some(f) = full {
+                                    tx.blocking_send(f).map_err(|_| pipeline_stopped())?;
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                drop(blob_rx);
+                let readers: Vec<_> = (0..opts.readers.max(1))
+                    .map(|_| {
+                        let (rx, tx, shared) = (job_rx.clone(), blob_tx.clone(), shared.clone());
+                        std::thread::spawn(move || {
+                            for job in rx {
+                                let r = shared.read_file(&job.path, &tx);
+                                if r.is_ok() {
+                                    Progress::add(&shared.progress.files_done, 1);
+                                }
+                                let _ = job.reply.send(r);
+                            }
+                        })
+                    })
+                    .collect();
+                drop(job_rx);
+
+                let mut w = Walker {
+                    shared: &shared,
+                    jobs: job_tx,
+                    blobs: blob_tx,
+                    stats: WalkStats::default(),
+                    links: Default::default(),
+                };
+                let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e));
+                let result = meta.and_then(|m| {
+                    if m.is_dir() && !opts.block_device {
+                        w.walk_dir(&path, parent_tree.as_ref())
+                    } else {
+                        w.walk_single(&path, opts.block_device, parent_tree.as_ref())
+                    }
+                });
+                let Walker {
+                    jobs, blobs, stats, ..
+                } = w;
+                drop(jobs);
+                for r in readers {
+                    let _ = r.join();
+                }
+                drop(blobs);
+                let mut worker_err = None;
+                for h in workers {
+                    match h.join() {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => worker_err = worker_err.or(Some(e)),
+                        Err(_) => {
+                            worker_err = worker_err
+                                .or(Some(Error::Invalid("a backup worker panicked".into())))
+                        }
+                    }
+                }
+                let root = result?;
+                if let Some(e) = worker_err {
+                    return Err(e);
+                }
+                for p in packers.iter() {
+                    let mut p = p.lock().expect("packer lock");
+                    if !p.is_empty() {
+                        let f = p.finish(shared.repo.keys())?;
+                        pack_tx.blocking_send(f).map_err(|_| pipeline_stopped())?;
+                    }
+                }
+                Ok((root, stats))
+            })
+            .map_err(|e| Error::Invalid(format!("cannot start the backup thread: {e}")))?
+    };
+
+    // Upload packs as they come, and index them.
+    let mut uploads = FuturesUnordered::new();
+    let mut pending: Vec<IndexPack> = Vec::new();
+    let mut stored_bytes = 0u64;
+    let mut upload_err: Option<Error> = None;
+    let mut open = true;
+    while open || !uploads.is_empty() {
+        tokio::select! {
+            p = pack_rx.recv(), if open && uploads.len() < opts.uploads.max(1) => match p {
+                Some(p) => {
+                    let repo = repo.clone();
+                    uploads.push(async move {
+                        let size = p.bytes.len() as u64;
+                        repo.backend().put(&p.id.key(), p.bytes).await?;
+                        Ok::<_, Error>(IndexPack { id: p.id, kind: p.header.kind, size, blobs: p.header.blobs })
+                    });
+                }
+                None => open = false,
+            },
+            Some(r) = uploads.next(), if !uploads.is_empty() => match r {
+                Ok(ip) => {
+                    stored_bytes += ip.size;
+                    Progress::add(&progress.bytes_transferred, ip.size);
+                    pending.push(ip);
+                    if pending.len() >= 64 {
+                        let seg = IndexSegment { version: INDEX_VERSION, packs: std::mem::take(&mut pending) };
+                        if let Err(e) = repo.write_index(&seg).await { upload_err = Some(e); break; }
+                    }
+                }
+                Err(e) => { upload_err = Some(e); break; }
+            },
+        }
+    }
+    if upload_err.is_some() {
+        progress.cancel(); // stop the walker promptly
+    }
+    drop(pack_rx);
+    let walked = tokio::task::spawn_blocking(move || walker.join())
+        .await
+        .map_err(|e| Error::Invalid(format!("join: {e}")))?
+        .map_err(|_| Error::Invalid("the backup walker panicked".into()))?;
+    if let Some(e) = upload_err {
+        return Err(e);
+    }
+    let (root, stats) = walked?;
+    progress.set_phase(Phase::Finishing);
+    if !pending.is_empty() {
+        repo.write_index(&IndexSegment {
+            version: INDEX_VERSION,
+            packs: pending,
+        })
+        .await?;
+    }
+    let summary = Summary {
+        files: stats.files,
+        dirs: stats.dirs,
+        total_bytes: stats.bytes,
+        read_bytes: shared.read_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        new_bytes: progress
+            .bytes_new
+            .load(std::sync::atomic::Ordering::Relaxed),
+        stored_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let snapshot = Snapshot {
+        version: SNAPSHOT_VERSION,
+        time: crate::snapshot::rfc3339(start_time),
+        hostname: host,
+        path: path_str,
+        source: if opts.block_device {
+            SourceKind::Block
+        } else {
+            SourceKind::Filesystem
+        },
+        tree: root,
+        parent: parent.map(|(id, _)| id),
+        tags: opts.tags,
+        summary,
+    };
+    let id = repo.write_snapshot(&snapshot).await?;
+    progress.set_phase(Phase::Done);
+    Ok(BackupOutcome { id, snapshot })
+}

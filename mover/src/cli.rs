@@ -1,0 +1,627 @@
+//! Command-line interface: argument parsing, progress display and output formatting.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use ferry_mover::backend::{Location, s3::S3Options};
+use ferry_mover::backup::{BackupOptions, ParentSpec};
+use ferry_mover::crypto::KdfParams;
+use ferry_mover::progress::Progress;
+use ferry_mover::repo::{OpenOptions, Repository};
+use ferry_mover::restore::RestoreOptions;
+use ferry_mover::tree::NodeKind;
+use ferry_proto::result::{BackupResult, RESULT_VERSION, RestoreResult};
+
+/// Ferry: deduplicated, compressed, encrypted backups to a directory or S3.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// Repository: a path, file://PATH or s3://BUCKET/PREFIX.
+    #[arg(long, short = 'r', env = "FERRY_REPO", global = true)]
+    pub repo: Option<String>,
+    /// File holding the repository password (else $FERRY_PASSWORD).
+    #[arg(long, env = "FERRY_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// S3 endpoint URL for S3-compatible servers.
+    #[arg(long, env = "FERRY_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: from the AWS chain, else us-east-1).
+    #[arg(long, env = "FERRY_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Use path-style S3 addressing.
+    #[arg(long, env = "FERRY_S3_PATH_STYLE", global = true)]
+    pub s3_path_style: bool,
+    /// AWS profile to take S3 credentials from.
+    #[arg(long, env = "FERRY_S3_PROFILE", global = true)]
+    pub s3_profile: Option<String>,
+    /// Directory of the local metadata cache.
+    #[arg(long, env = "FERRY_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Hard size limit of the cache, in MiB.
+    #[arg(long, default_value_t = 256, global = true)]
+    pub cache_limit_mib: u64,
+    /// Run without the local cache.
+    #[arg(long, global = true)]
+    pub no_cache: bool,
+    /// Machine-readable output: JSON on stdout, JSON progress lines on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress display.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new repository.
+    Init,
+    /// Back up a directory, file, or (with --block-device) a raw device; prints the snapshot id.
+    Backup {
+        /// What to back up.
+        path: PathBuf,
+        /// Parent snapshot (`latest`, an id, or `none`); default: the latest of the same path, host and tags.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Tag to record, K=V (repeatable).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Back up the raw content of a block device or image file.
+        #[arg(long)]
+        block_device: bool,
+        /// Host name to record and match parents by.
+        #[arg(long)]
+        host: Option<String>,
+        /// Concurrent pack uploads.
+        #[arg(long, default_value_t = 3)]
+        uploads: usize,
+    },
+    /// Restore a snapshot (`latest` or an id) into TARGET.
+    Restore {
+        /// Snapshot id, id prefix, or `latest`.
+        snapshot: String,
+        /// Directory to restore into (device or image file for block snapshots).
+        target: PathBuf,
+        /// Leave runs of zeros as holes.
+        #[arg(long)]
+        sparse: bool,
+        /// Read the restored files back and check them.
+        #[arg(long)]
+        verify: bool,
+        /// Concurrent downloads.
+        #[arg(long, default_value_t = 4)]
+        downloads: usize,
+    },
+    /// List snapshots.
+    Snapshots,
+    /// List the files of a snapshot, optionally under PATH.
+    Ls {
+        /// Snapshot id, id prefix, or `latest`.
+        snapshot: String,
+        /// Path inside the snapshot.
+        path: Option<String>,
+    },
+    /// Verify the repository.
+    Check {
+        /// Also download and verify every pack.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Demonstrate Ferry end to end in a temporary directory.
+    Demo {
+        /// Work directory (default: a new temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("tag {s:?} is not K=V"))?;
+    if k.is_empty() {
+        return Err(format!("tag {s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if e.downcast_ref::<ferry_mover::Error>()
+                .is_some_and(|e| matches!(e, ferry_mover::Error::Canceled))
+            {
+                eprintln!("ferry: canceled");
+                return ExitCode::from(130);
+            }
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A repository context built from the global options.
+pub struct Ctx {
+    pub global: Global,
+}
+
+impl Ctx {
+    fn location(&self) -> Result<Location> {
+        let repo = self
+            .global
+            .repo
+            .as_deref()
+            .ok_or_else(|| anyhow!("no repository given: use --repo or $FERRY_REPO"))?;
+        Ok(Location::parse(repo)?)
+    }
+
+    fn password(&self) -> Result<Vec<u8>> {
+        if let Some(f) = &self.global.password_file {
+            let mut p = std::fs::read(f)
+                .with_context(|| format!("reading password file {}", f.display()))?;
+            while p.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+                p.pop();
+            }
+            return Ok(p);
+        }
+        match std::env::var_os("FERRY_PASSWORD") {
+            Some(p) => Ok(p.as_bytes().to_vec()),
+            None => bail!("no password: set $FERRY_PASSWORD or use --password-file"),
+        }
+    }
+
+    async fn backend(&self) -> Result<Arc<dyn ferry_mover::backend::Backend>> {
+        let g = &self.global;
+        let s3 = S3Options {
+            endpoint: g.s3_endpoint.clone(),
+            region: g.s3_region.clone(),
+            path_style: g.s3_path_style,
+            profile: g.s3_profile.clone(),
+            ..Default::default()
+        };
+        Ok(ferry_mover::open_backend(&self.location()?, s3).await?)
+    }
+
+    /// Opens the repository.
+    pub async fn open(&self) -> Result<Arc<Repository>> {
+        let g = &self.global;
+        let opts = OpenOptions {
+            cache_dir: if g.no_cache {
+                None
+            } else {
+                g.cache_dir
+                    .clone()
+                    .or_else(ferry_mover::repo::default_cache_dir)
+            },
+            cache_limit: g.cache_limit_mib * 1024 * 1024,
+        };
+        Ok(Arc::new(
+            Repository::open(self.backend().await?, &self.password()?, &opts).await?,
+        ))
+    }
+
+    /// Creates the repository.
+    pub async fn init(&self) -> Result<()> {
+        let cfg = Repository::init(
+            self.backend().await?,
+            &self.password()?,
+            KdfParams::default(),
+        )
+        .await?;
+        if self.global.json {
+            println!("{}", serde_json::json!({ "repositoryId": cfg.id }));
+        } else {
+            println!(
+                "created repository {} at {}",
+                cfg.id,
+                self.global.repo.as_deref().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `fut` while showing progress, canceling on Ctrl-C / SIGTERM.
+    pub async fn with_progress<T>(
+        &self,
+        what: &str,
+        progress: Arc<Progress>,
+        fut: impl Future<Output = ferry_mover::Result<T>>,
+    ) -> Result<T> {
+        let show = !self.global.quiet && (self.global.json || std::io::stderr().is_terminal());
+        let json = self.global.json;
+        let p = progress.clone();
+        let what = what.to_string();
+        let display = tokio::spawn(async move {
+            if !show {
+                return;
+            }
+            let bar = (!json).then(|| {
+                let b = indicatif::ProgressBar::new(0);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                    )
+                    .expect("template"),
+                );
+                b.set_prefix(what.clone());
+                b
+            });
+            let tick = if json {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(150)
+            };
+            loop {
+                tokio::time::sleep(tick).await;
+                let r = p.report();
+                match &bar {
+                    Some(b) => {
+                        b.set_length(if r.totals_known {
+                            r.bytes_total.max(r.bytes_done)
+                        } else {
+                            r.bytes_done
+                        });
+                        b.set_position(r.bytes_done);
+                        b.set_message(format!(
+                            "{}/{} files",
+                            r.files_done,
+                            if r.totals_known {
+                                r.files_total.to_string()
+                            } else {
+                                "?".into()
+                            }
+                        ));
+                    }
+                    None => eprintln!("{}", serde_json::json!({ "progress": what, "report": r })),
+                }
+            }
+        });
+        let signals = {
+            let p = progress.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                p.cancel();
+            })
+        };
+        let out = fut.await;
+        display.abort();
+        signals.abort();
+        let _ = display.await;
+        Ok(out?)
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let ctx = Ctx { global: cli.global };
+    match cli.cmd {
+        Command::Init => ctx.init().await?,
+        Command::Backup {
+            path,
+            parent,
+            tags,
+            block_device,
+            host,
+            uploads,
+        } => {
+            let repo = ctx.open().await?;
+            let mut opts = BackupOptions::new(path);
+            opts.block_device = block_device;
+            opts.parent = match parent.as_deref() {
+                None => ParentSpec::Auto,
+                Some("none") => ParentSpec::None,
+                Some(s) => ParentSpec::Snapshot(s.to_string()),
+            };
+            opts.tags = tags.into_iter().collect::<BTreeMap<_, _>>();
+            opts.hostname = host;
+            opts.uploads = uploads;
+            let r = backup(&ctx, repo, opts).await?;
+            if ctx.global.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", r.snapshot_id);
+            }
+        }
+        Command::Restore {
+            snapshot,
+            target,
+            sparse,
+            verify,
+            downloads,
+        } => {
+            let repo = ctx.open().await?;
+            let opts = RestoreOptions {
+                target,
+                sparse,
+                verify,
+                downloads,
+            };
+            let r = restore(&ctx, repo, &snapshot, &opts).await?;
+            if ctx.global.json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+        }
+        Command::Snapshots => snapshots(&ctx).await?,
+        Command::Ls { snapshot, path } => ls(&ctx, &snapshot, path.as_deref()).await?,
+        Command::Check { read_data } => {
+            let repo = ctx.open().await?;
+            let progress = Arc::new(Progress::default());
+            let r = ctx
+                .with_progress(
+                    "check",
+                    progress.clone(),
+                    ferry_mover::check::check(repo, read_data, progress),
+                )
+                .await?;
+            if ctx.global.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} packs, {} blobs, {} snapshots, {} trees checked{}",
+                    r.packs,
+                    r.blobs,
+                    r.snapshots,
+                    r.trees,
+                    if r.read_data {
+                        ", all pack data read and verified"
+                    } else {
+                        ""
+                    }
+                );
+                for w in &r.warnings {
+                    println!("warning: {w}");
+                }
+                for e in &r.errors {
+                    println!("error: {e}");
+                }
+            }
+            if !r.ok() {
+                eprintln!("ferry: check found {} error(s)", r.errors.len());
+                return Ok(ExitCode::FAILURE);
+            }
+            if !ctx.global.json {
+                println!("no errors found");
+            }
+        }
+        Command::Demo { dir } => crate::demo::run(dir).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Backs up and returns the result document.
+pub async fn backup(ctx: &Ctx, repo: Arc<Repository>, opts: BackupOptions) -> Result<BackupResult> {
+    let progress = Arc::new(Progress::default());
+    let out = ctx
+        .with_progress(
+            "backup",
+            progress.clone(),
+            ferry_mover::backup::backup(repo, opts, progress),
+        )
+        .await?;
+    let s = &out.snapshot.summary;
+    if !ctx.global.json && !ctx.global.quiet {
+        eprintln!(
+            "snapshot {} saved: {} files, {} dirs, {} total, {} read, {} new, {} stored, {:.1}s",
+            out.id.short(),
+            s.files,
+            s.dirs,
+            human(s.total_bytes),
+            human(s.read_bytes),
+            human(s.new_bytes),
+            human(s.stored_bytes),
+            s.seconds
+        );
+    }
+    Ok(BackupResult {
+        version: RESULT_VERSION,
+        snapshot_id: out.id.to_hex(),
+        total_bytes: s.total_bytes,
+        read_bytes: s.read_bytes,
+        incremental_bytes: s.new_bytes,
+        stored_bytes: s.stored_bytes,
+        files: s.files,
+        dirs: s.dirs,
+    })
+}
+
+/// Restores and returns the result document.
+pub async fn restore(
+    ctx: &Ctx,
+    repo: Arc<Repository>,
+    snapshot: &str,
+    opts: &RestoreOptions,
+) -> Result<RestoreResult> {
+    let (id, snap) = repo.find_snapshot(snapshot).await?;
+    let progress = Arc::new(Progress::default());
+    let s = ctx
+        .with_progress(
+            "restore",
+            progress.clone(),
+            ferry_mover::restore::restore(repo, &snap, opts, progress),
+        )
+        .await?;
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !ctx.global.json && !ctx.global.quiet {
+        eprintln!(
+            "restored snapshot {} to {}: {} files, {} dirs, {}{}",
+            id.short(),
+            opts.target.display(),
+            s.files,
+            s.dirs,
+            human(s.bytes),
+            if opts.verify { ", verified" } else { "" }
+        );
+    }
+    Ok(RestoreResult {
+        version: RESULT_VERSION,
+        snapshot_id: id.to_hex(),
+        total_bytes: s.bytes,
+        files: s.files,
+        dirs: s.dirs,
+    })
+}
+
+async fn snapshots(ctx: &Ctx) -> Result<()> {
+    let repo = ctx.open().await?;
+    let all = repo.snapshots().await?;
+    if ctx.global.json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(id, s)| {
+                let mut j = serde_json::to_value(s).expect("snapshot serialises");
+                j["id"] = serde_json::Value::String(id.to_hex());
+                j
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<20} {:<16} {:>10} {:>10}  {:<5} {}",
+        "ID", "TIME", "HOST", "SIZE", "NEW", "KIND", "PATH"
+    );
+    for (id, s) in &all {
+        println!(
+            "{:<10} {:<20} {:<16} {:>10} {:>10}  {:<5} {}{}",
+            id.short(),
+            s.time.get(..19).unwrap_or(&s.time).replace('T', " "),
+            s.hostname,
+            human(s.summary.total_bytes),
+            human(s.summary.new_bytes),
+            match s.source {
+                ferry_mover::snapshot::SourceKind::Filesystem => "fs",
+                ferry_mover::snapshot::SourceKind::Block => "block",
+            },
+            s.path,
+            if s.tags.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  {}",
+                    s.tags
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
+        );
+    }
+    println!("{} snapshot(s)", all.len());
+    Ok(())
+}
+
+async fn ls(ctx: &Ctx, snapshot: &str, sub: Option<&str>) -> Result<()> {
+    let repo = ctx.open().await?;
+    let (_, snap) = repo.find_snapshot(snapshot).await?;
+    let mut tree = repo.read_tree(&snap.tree).await?;
+    let mut prefix = PathBuf::from("/");
+    for comp in sub.unwrap_or("").split('/').filter(|c| !c.is_empty()) {
+        let node = tree
+            .find(comp.as_bytes())
+            .ok_or_else(|| anyhow!("{comp:?} not found in snapshot"))?;
+        match &node.kind {
+            NodeKind::Dir { subtree } => tree = repo.read_tree(subtree).await?,
+            _ => bail!("{comp:?} is not a directory"),
+        }
+        prefix.push(comp);
+    }
+    let mut stack = vec![(prefix, tree)];
+    while let Some((dir, tree)) = stack.pop() {
+        for n in &tree.nodes {
+            let path = dir.join(OsStr::from_bytes(&n.name));
+            print_node(ctx.global.json, &path, n);
+            if let NodeKind::Dir { subtree } = &n.kind {
+                stack.push((path, repo.read_tree(subtree).await?));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_node(json: bool, path: &Path, n: &ferry_mover::tree::Node) {
+    let (t, extra) = match &n.kind {
+        NodeKind::File { .. } => ('-', String::new()),
+        NodeKind::Dir { .. } => ('d', String::new()),
+        NodeKind::Symlink { target } => ('l', format!(" -> {}", String::from_utf8_lossy(target))),
+        NodeKind::Fifo => ('p', String::new()),
+        NodeKind::CharDevice { .. } => ('c', String::new()),
+        NodeKind::BlockDevice { .. } => ('b', String::new()),
+        NodeKind::Socket => ('s', String::new()),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"path": path.to_string_lossy(), "type": t.to_string(), "mode": n.mode, "uid": n.uid,
+                "gid": n.gid, "size": n.size, "mtime": n.mtime_sec, "mtimeNsec": n.mtime_nsec})
+        );
+    } else {
+        println!(
+            "{t}{:04o} {:>6} {:>6} {:>12} {}{}",
+            n.mode,
+            n.uid,
+            n.gid,
+            n.size,
+            path.display(),
+            extra
+        );
+    }
+}
+
+/// Bytes in binary units.
+pub fn human(b: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

@@ -1,0 +1,454 @@
+//! A repository: storage, keys, configuration, index and cache, and reading and writing its objects.
+//!
+//! Layout under the repository root (see `design/0001-repository-format.md`):
+//! `config`, `keys/<id>`, `data/<2 hex>/<pack id>`, `index/<id>`, `snapshots/<id>`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::cache::Cache;
+use crate::chunker::ChunkerParams;
+use crate::crypto::{self, KdfParams, Keys, Kind};
+use crate::error::{Error, Result};
+use crate::id::{BlobId, IndexId, SnapshotId, storage_hash};
+use crate::index::{Index, IndexSegment};
+use crate::pack::{self, BlobKind};
+use crate::snapshot::Snapshot;
+use crate::tree::Tree;
+
+/// Repository format version (of `config`).
+pub const REPO_VERSION: u32 = 1;
+/// Default target size of a pack file.
+pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
+/// Parallel small-object downloads.
+const FETCH_CONCURRENCY: usize = 16;
+
+/// The repository configuration (stored encrypted as `config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// [`REPO_VERSION`].
+    pub version: u32,
+    /// Random repository id (hex), names the local cache.
+    pub id: String,
+    /// Chunk sizes.
+    pub chunker: ChunkerParams,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+}
+
+/// A password-wrapped master key (stored in plain JSON under `keys/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KeyFile {
+    version: u32,
+    kdf: String,
+    params: KdfParams,
+    salt: String,
+    master: String,
+    created: String,
+    hostname: String,
+}
+
+/// How to open a repository.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Directory of the local cache; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
+    /// Hard size limit of the cache file.
+    pub cache_limit: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            cache_dir: default_cache_dir(),
+            cache_limit: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `$FERRY_CACHE_DIR`, else `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("FERRY_CACHE_DIR") {
+        return Some(d.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("ferry"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ferry"))
+}
+
+/// An open repository.
+#[derive(Debug)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    keys: Keys,
+    config: Config,
+    cache: Option<Cache>,
+    /// The merged index, loaded on first use and dropped when this handle writes a new segment.
+    index: tokio::sync::Mutex<Option<Arc<Index>>>,
+}
+
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn exists(b: &dyn Backend, key: &str) -> Result<bool> {
+    match b.get(key).await {
+        Ok(_) => Ok(true),
+        Err(Error::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+impl Repository {
+    /// Creates a new repository protected by `password`.
+    pub async fn init(
+        backend: Arc<dyn Backend>,
+        password: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Config> {
+        if exists(backend.as_ref(), "config").await? {
+            return Err(Error::AlreadyInitialised(backend.location()));
+        }
+        if password.is_empty() {
+            return Err(Error::Invalid(
+                "the repository password must not be empty".into(),
+            ));
+        }
+        let keys = Keys::generate()?;
+        let mut rid = [0u8; 16];
+        crypto::fill_random(&mut rid)?;
+        let config = Config {
+            version: REPO_VERSION,
+            id: hex::encode(rid),
+            chunker: ChunkerParams::default(),
+            pack_size: DEFAULT_PACK_SIZE,
+        };
+        Self::add_key(backend.as_ref(), &keys, password, kdf).await?;
+        let plain = serde_json::to_vec(&config).map_err(|e| Error::Format(e.to_string()))?;
+        backend
+            .put(
+                "config",
+                Bytes::from(pack::encode(&keys, Kind::Config, &plain, false)?),
+            )
+            .await?;
+        Ok(config)
+    }
+
+    async fn add_key(
+        backend: &dyn Backend,
+        keys: &Keys,
+        password: &[u8],
+        kdf: KdfParams,
+    ) -> Result<()> {
+        let mut salt = [0u8; 32];
+        crypto::fill_random(&mut salt)?;
+        let mut kek = crypto::derive_kek(password, &salt, kdf)?;
+        let wrapped = crypto::seal_with(&kek, Kind::MasterKey, keys.master());
+        zeroize::Zeroize::zeroize(&mut kek);
+        let kf = KeyFile {
+            version: 1,
+            kdf: "argon2id".into(),
+            params: kdf,
+            salt: hex::encode(salt),
+            master: hex::encode(wrapped?),
+            created: crate::snapshot::rfc3339(std::time::SystemTime::now()),
+            hostname: hostname(),
+        };
+        let bytes = serde_json::to_vec_pretty(&kf).map_err(|e| Error::Format(e.to_string()))?;
+        backend
+            .put(
+                &format!("keys/{}", hex::encode(storage_hash(&bytes))),
+                Bytes::from(bytes),
+            )
+            .await
+    }
+
+    /// Opens an existing repository with `password`.
+    pub async fn open(
+        backend: Arc<dyn Backend>,
+        password: &[u8],
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let key_objs = backend.list("keys/").await?;
+        if key_objs.is_empty() {
+            return Err(if exists(backend.as_ref(), "config").await? {
+                Error::Integrity("the repository has a config but no keys".into())
+            } else {
+                Error::NoRepository(backend.location())
+            });
+        }
+        let mut keys = None;
+        for o in &key_objs {
+            let raw = backend.get(&o.key).await?;
+            let kf: KeyFile = serde_json::from_slice(&raw)
+                .map_err(|e| Error::Format(format!("key file {}: {e}", o.key)))?;
+            if kf.kdf != "argon2id" || kf.version != 1 {
+                return Err(Error::Format(format!(
+                    "key file {} uses unsupported {} v{}",
+                    o.key, kf.kdf, kf.version
+                )));
+            }
+            let salt = hex::decode(&kf.salt)
+                .map_err(|e| Error::Format(format!("key file {}: {e}", o.key)))?;
+            let wrapped = hex::decode(&kf.master)
+                .map_err(|e| Error::Format(format!("key file {}: {e}", o.key)))?;
+            let mut kek = crypto::derive_kek(password, &salt, kf.params)?;
+            let opened = crypto::open_with(&kek, Kind::MasterKey, &wrapped);
+            zeroize::Zeroize::zeroize(&mut kek);
+            if let Ok(mut m) = opened {
+                let master: [u8; 64] = m
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Format("master key has the wrong length".into()))?;
+                zeroize::Zeroize::zeroize(&mut m);
+                keys = Some(Keys::from_master(master));
+                break;
+            }
+        }
+        let keys = keys.ok_or(Error::WrongPassword)?;
+        let raw = backend.get("config").await?;
+        let config: Config = serde_json::from_slice(&pack::decode(&keys, Kind::Config, &raw)?)
+            .map_err(|e| Error::Format(format!("config: {e}")))?;
+        if config.version != REPO_VERSION {
+            return Err(Error::Format(format!(
+                "repository version {} is not supported",
+                config.version
+            )));
+        }
+        config.chunker.validate().map_err(Error::Format)?;
+        let cache = opts.cache_dir.as_ref().and_then(|d| {
+            match Cache::open(d, &config.id, opts.cache_limit) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "running without a local cache");
+                    None
+                }
+            }
+        });
+        Ok(Repository {
+            backend,
+            keys,
+            config,
+            cache,
+            index: Default::default(),
+        })
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Reads a content-addressed metadata object (`index/…`, `snapshots/…`) through the cache, checking its
+    /// name against its content and decrypting it.
+    async fn read_named(
+        &self,
+        kind: Kind,
+        cache_kind: &str,
+        key: &str,
+        hex_id: &str,
+    ) -> Result<Vec<u8>> {
+        if let Some(c) = &self.cache
+            && let Some(v) = c.get(cache_kind, hex_id)
+        {
+            match pack::decode(&self.keys, kind, &v) {
+                Ok(p) if hex::encode(storage_hash(&v)) == hex_id => return Ok(p),
+                _ => c.remove(cache_kind, hex_id),
+            }
+        }
+        let raw = self.backend.get(key).await?;
+        if hex::encode(storage_hash(&raw)) != hex_id {
+            return Err(Error::Integrity(format!(
+                "{key} does not match its name (corrupt or tampered)"
+            )));
+        }
+        let plain = pack::decode(&self.keys, kind, &raw)
+            .map_err(|e| Error::Integrity(format!("{key}: {e}")))?;
+        if let Some(c) = &self.cache {
+            c.put(cache_kind, hex_id, &raw);
+        }
+        Ok(plain)
+    }
+
+    /// Stores a content-addressed metadata object and returns its id.
+    async fn write_named(&self, kind: Kind, dir: &str, plain: &[u8]) -> Result<[u8; 32]> {
+        let stored = pack::encode(&self.keys, kind, plain, true)?;
+        let id = storage_hash(&stored);
+        self.backend
+            .put(&format!("{dir}/{}", hex::encode(id)), Bytes::from(stored))
+            .await?;
+        Ok(id)
+    }
+
+    /// Loads (once) and returns the merged index.
+    pub async fn index(&self) -> Result<Arc<Index>> {
+        let mut slot = self.index.lock().await;
+        if let Some(i) = slot.as_ref() {
+            return Ok(i.clone());
+        }
+        let i = Arc::new(self.load_index().await?);
+        *slot = Some(i.clone());
+        Ok(i)
+    }
+
+    /// Reads every index segment into a fresh [`Index`].
+    pub async fn load_index(&self) -> Result<Index> {
+        let listed = self.backend.list("index/").await?;
+        let ids: Vec<String> = listed
+            .iter()
+            .map(|o| o.key.trim_start_matches("index/").to_string())
+            .collect();
+        if let Some(c) = &self.cache {
+            c.retain("index", &ids.iter().cloned().collect::<HashSet<_>>());
+        }
+        let segments: Vec<IndexSegment> = stream::iter(ids)
+            .map(|id| async move {
+                let plain = self
+                    .read_named(Kind::Index, "index", &format!("index/{id}"), &id)
+                    .await?;
+                IndexSegment::from_bytes(&plain)
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut index = Index::default();
+        for s in &segments {
+            index.add_segment(s);
+        }
+        Ok(index)
+    }
+
+    /// Writes an index segment.
+    pub async fn write_index(&self, segment: &IndexSegment) -> Result<IndexId> {
+        let id = IndexId(
+            self.write_named(Kind::Index, "index", &segment.to_bytes()?)
+                .await?,
+        );
+        *self.index.lock().await = None;
+        Ok(id)
+    }
+
+    /// Writes a snapshot manifest.
+    pub async fn write_snapshot(&self, snap: &Snapshot) -> Result<SnapshotId> {
+        let plain = serde_json::to_vec(snap).map_err(|e| Error::Format(e.to_string()))?;
+        Ok(SnapshotId(
+            self.write_named(Kind::Snapshot, "snapshots", &plain)
+                .await?,
+        ))
+    }
+
+    /// Every snapshot, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
+        let listed = self.backend.list("snapshots/").await?;
+        let ids: Vec<String> = listed
+            .iter()
+            .map(|o| o.key.trim_start_matches("snapshots/").to_string())
+            .collect();
+        let mut out: Vec<(SnapshotId, Snapshot)> = stream::iter(ids)
+            .map(|id| async move {
+                let plain = self
+                    .read_named(Kind::Snapshot, "snapshot", &format!("snapshots/{id}"), &id)
+                    .await?;
+                Ok::<_, Error>((SnapshotId::from_hex(&id)?, Snapshot::from_bytes(&plain)?))
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    /// Finds a snapshot by `latest`, a full id or a unique id prefix.
+    pub async fn find_snapshot(&self, spec: &str) -> Result<(SnapshotId, Snapshot)> {
+        let all = self.snapshots().await?;
+        if spec == "latest" {
+            return all
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::Snapshot("latest: the repository has no snapshots".into()));
+        }
+        if spec.len() < 4 || !spec.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::Invalid(format!(
+                "snapshot {spec:?}: give `latest` or at least 4 hex digits of an id"
+            )));
+        }
+        let spec = spec.to_ascii_lowercase();
+        let mut hits = all
+            .into_iter()
+            .filter(|(id, _)| id.to_hex().starts_with(&spec));
+        match (hits.next(), hits.next()) {
+            (Some(s), None) => Ok(s),
+            (None, _) => Err(Error::Snapshot(format!("{spec} not found"))),
+            (Some(_), Some(_)) => Err(Error::Snapshot(format!(
+                "{spec} is ambiguous; give more digits"
+            ))),
+        }
+    }
+
+    /// Reads and verifies one blob.
+    pub async fn read_blob(&self, kind: BlobKind, id: &BlobId) -> Result<Vec<u8>> {
+        let index = self.index().await?;
+        let loc = index
+            .get(id)
+            .ok_or_else(|| Error::Integrity(format!("blob {} is not in the index", id.short())))?;
+        if loc.kind != kind {
+            return Err(Error::Integrity(format!(
+                "blob {} is a {:?}, expected {kind:?}",
+                id.short(),
+                loc.kind
+            )));
+        }
+        let cache_key = id.to_hex();
+        if kind == BlobKind::Tree
+            && let Some(c) = &self.cache
+            && let Some(v) = c.get("tree", &cache_key)
+        {
+            match pack::decode_blob(&self.keys, kind, id, &v) {
+                Ok(p) => return Ok(p),
+                Err(_) => c.remove("tree", &cache_key),
+            }
+        }
+        let stored = self
+            .backend
+            .get_range(&loc.pack.key(), loc.offset as u64, loc.length as u64)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound(k) => Error::Integrity(format!(
+                    "pack {k} is missing (needed for blob {})",
+                    id.short()
+                )),
+                e => e,
+            })?;
+        let plain = pack::decode_blob(&self.keys, kind, id, &stored)?;
+        if kind == BlobKind::Tree
+            && let Some(c) = &self.cache
+        {
+            c.put("tree", &cache_key, &stored);
+        }
+        Ok(plain)
+    }
+
+    /// Reads a tree.
+    pub async fn read_tree(&self, id: &BlobId) -> Result<Tree> {
+        Tree::from_bytes(&self.read_blob(BlobKind::Tree, id).await?)
+    }
+}

@@ -1,0 +1,250 @@
+//! Helpers shared by the integration tests: repositories, source trees, and a real S3 server.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+
+use ferry_mover::backend::Backend;
+use ferry_mover::backend::local::LocalBackend;
+use ferry_mover::backup::{BackupOptions, BackupOutcome};
+use ferry_mover::crypto::KdfParams;
+use ferry_mover::progress::Progress;
+use ferry_mover::repo::{OpenOptions, Repository};
+use ferry_mover::restore::{RestoreOptions, RestoreSummary};
+
+pub const PASSWORD: &[u8] = b"correct horse battery staple";
+/// Cheap key derivation so tests stay fast (the default is 64 MiB).
+pub const FAST_KDF: KdfParams = KdfParams {
+    m_kib: 1024,
+    t: 1,
+    p: 1,
+};
+
+pub fn no_cache() -> OpenOptions {
+    OpenOptions {
+        cache_dir: None,
+        cache_limit: 0,
+    }
+}
+
+pub async fn new_repo(backend: Arc<dyn Backend>) -> Arc<Repository> {
+    Repository::init(backend.clone(), PASSWORD, FAST_KDF)
+        .await
+        .unwrap();
+    Arc::new(
+        Repository::open(backend, PASSWORD, &no_cache())
+            .await
+            .unwrap(),
+    )
+}
+
+pub async fn reopen(backend: &Arc<dyn Backend>) -> Arc<Repository> {
+    Arc::new(
+        Repository::open(backend.clone(), PASSWORD, &no_cache())
+            .await
+            .unwrap(),
+    )
+}
+
+pub fn local(dir: &Path) -> Arc<dyn Backend> {
+    Arc::new(LocalBackend::new(dir))
+}
+
+pub async fn backup(repo: &Arc<Repository>, src: &Path) -> BackupOutcome {
+    ferry_mover::backup::backup(
+        repo.clone(),
+        BackupOptions::new(src),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn restore_latest(
+    repo: &Arc<Repository>,
+    target: &Path,
+) -> ferry_mover::Result<RestoreSummary> {
+    let (_, snap) = repo.find_snapshot("latest").await?;
+    let mut o = RestoreOptions::new(target);
+    o.verify = true;
+    ferry_mover::restore::restore(repo.clone(), &snap, &o, Arc::new(Progress::default())).await
+}
+
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A tree with every kind of entry and metadata Ferry records.
+pub fn rich_tree(root: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    std::fs::write(root.join("a/small.txt"), b"hello ferry\n").unwrap();
+    std::fs::write(root.join("a/b/random.bin"), pseudo_random(5 << 20, 1)).unwrap();
+    std::fs::write(
+        root.join("a/b/c/text.log"),
+        "level=info msg=\"snapshot ready\"\n".repeat(50_000),
+    )
+    .unwrap();
+    std::fs::write(root.join("empty-file"), b"").unwrap();
+    std::fs::write(
+        root.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9t\xe9")),
+        b"non-utf8 name",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("a/small.txt", root.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling-link")).unwrap();
+    std::fs::hard_link(root.join("a/small.txt"), root.join("hardlink")).unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let sparse = std::fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.set_len(20 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"data in the middle", 10 << 20).unwrap();
+    std::fs::set_permissions(
+        root.join("a/small.txt"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    xattr::set(
+        root.join("a/b/random.bin"),
+        "user.ferry.test",
+        b"xattr value",
+    )
+    .unwrap();
+    let t = filetime::FileTime::from_unix_time(1_600_000_000, 123_456_789);
+    filetime::set_symlink_file_times(root.join("a/b/c/text.log"), t, t).unwrap();
+    filetime::set_symlink_file_times(root.join("rel-link"), t, t).unwrap();
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A real S3 server (versitygw, built from the Go module proxy on first use) on a free loopback port.
+pub struct S3Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+    pub access: String,
+    pub secret: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    pub async fn start() -> S3Server {
+        let out = Command::new(repo_root().join("scripts/ensure-versitygw"))
+            .output()
+            .expect("running scripts/ensure-versitygw (needs Go)");
+        assert!(
+            out.status.success(),
+            "building versitygw failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let dir = tempdir();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (access, secret) = ("ferrytest".to_string(), "ferrytestsecret123".to_string());
+        let log = std::fs::File::create(dir.path().join("versitygw.log")).unwrap();
+        let child = Command::new(bin)
+            .args([
+                "--access",
+                &access,
+                "--secret",
+                &secret,
+                "--port",
+                &format!("127.0.0.1:{port}"),
+                "posix",
+            ])
+            .arg(dir.path().join("root"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting versitygw");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return S3Server {
+                    child,
+                    _dir: dir,
+                    endpoint,
+                    access,
+                    secret,
+                };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!(
+            "versitygw did not start; log: {}",
+            std::fs::read_to_string(dir.path().join("versitygw.log")).unwrap_or_default()
+        );
+    }
+
+    pub fn options(&self, bucket: &str, prefix: &str) -> ferry_mover::backend::s3::S3Options {
+        ferry_mover::backend::s3::S3Options {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            path_style: true,
+            credentials: Some((self.access.clone(), self.secret.clone(), None)),
+            profile: None,
+        }
+    }
+
+    /// Creates a bucket through the S3 API.
+    pub async fn create_bucket(&self, name: &str) {
+        let creds =
+            aws_sdk_s3::config::Credentials::new(&self.access, &self.secret, None, None, "test");
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+            .create_bucket()
+            .bucket(name)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The directory holding a bucket's objects, to tamper with them.
+    pub fn bucket_dir(&self, name: &str) -> PathBuf {
+        self._dir.path().join("root").join(name)
+    }
+}

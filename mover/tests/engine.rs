@@ -1,0 +1,512 @@
+//! End-to-end engine behaviour on a local repository.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use ferry_mover::backup::{BackupOptions, ParentSpec};
+use ferry_mover::crypto::Kind;
+use ferry_mover::index::{INDEX_VERSION, IndexPack, IndexSegment};
+use ferry_mover::pack::{BlobKind, PackWriter, encode_blob};
+use ferry_mover::progress::Progress;
+use ferry_mover::repo::{OpenOptions, Repository};
+use ferry_mover::restore::RestoreOptions;
+use ferry_mover::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
+use ferry_mover::tree::{Node, NodeKind, TREE_VERSION, Tree};
+use ferry_mover::{Error, check::check};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_keeps_every_kind_of_entry_and_metadata() {
+    let (src, repo_dir, out) = (tempdir(), tempdir(), tempdir());
+    rich_tree(src.path());
+    let repo = new_repo(local(repo_dir.path())).await;
+    let b = backup(&repo, src.path()).await;
+    let s = &b.snapshot.summary;
+    assert_eq!(s.read_bytes, s.total_bytes);
+    assert!(
+        s.stored_bytes < s.total_bytes,
+        "compression and zero dedup should shrink {s:?}"
+    );
+    let r = restore_latest(&repo, out.path()).await.unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let n = ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    assert!(n >= 15, "compared {n} entries");
+    // Hard links come back as hard links.
+    assert_eq!(
+        std::fs::metadata(out.path().join("hardlink"))
+            .unwrap()
+            .ino(),
+        std::fs::metadata(out.path().join("a/small.txt"))
+            .unwrap()
+            .ino()
+    );
+    let report = check(repo, true, Default::default()).await.unwrap();
+    assert!(report.ok() && report.warnings.is_empty(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_backups_skip_unchanged_files_even_from_a_fresh_clone() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    rich_tree(src.path());
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let b1 = backup(&repo, src.path()).await;
+
+    // Unchanged: nothing read, nothing new.
+    let b2 = backup(&reopen(&backend).await, src.path()).await;
+    assert_eq!(b2.snapshot.parent, Some(b1.id));
+    assert_eq!(b2.snapshot.summary.read_bytes, 0);
+    assert_eq!(b2.snapshot.summary.new_bytes, 0);
+    assert_eq!(
+        b2.snapshot.tree, b1.snapshot.tree,
+        "identical trees dedup to the same root"
+    );
+
+    // One changed file: only it is read; only the changed chunk region is new.
+    let f = src.path().join("a/b/random.bin");
+    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[1u8; 1000], 2 << 20).unwrap();
+    let b3 = backup(&reopen(&backend).await, src.path()).await;
+    let s = &b3.snapshot.summary;
+    assert_eq!(s.read_bytes, 5 << 20);
+    assert!(
+        s.new_bytes > 0 && s.new_bytes < 3 << 20,
+        "new bytes {}",
+        s.new_bytes
+    );
+
+    // A fresh copy (new inodes and ctimes, same mtimes) with an explicit parent reads nothing.
+    let clone = tempdir();
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.path().display()))
+        .arg(clone.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut o = BackupOptions::new(clone.path());
+    o.parent = ParentSpec::Snapshot(b3.id.to_hex());
+    let b4 = ferry_mover::backup::backup(reopen(&backend).await, o, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert_eq!(b4.snapshot.summary.read_bytes, 0);
+    assert_eq!(b4.snapshot.tree, b3.snapshot.tree);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_a_clear_error() {
+    let repo_dir = tempdir();
+    let backend = local(repo_dir.path());
+    new_repo(backend.clone()).await;
+    let err = Repository::open(backend.clone(), b"not the password", &no_cache())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongPassword), "{err}");
+    let err = Repository::init(backend, PASSWORD, FAST_KDF)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyInitialised(_)), "{err}");
+    let empty = tempdir();
+    let err = Repository::open(local(empty.path()), PASSWORD, &no_cache())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NoRepository(_)), "{err}");
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p))
+        } else {
+            out.push(p)
+        }
+    }
+    out.sort();
+    out
+}
+
+fn flip(path: &std::path::Path, at: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    let i = at.min(b.len() - 1);
+    b[i] ^= 0x01;
+    std::fs::write(path, b).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_bit_anywhere_is_detected_never_restored_as_data() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    std::fs::write(src.path().join("f"), pseudo_random(3 << 20, 5)).unwrap();
+    std::fs::write(src.path().join("g"), b"small file").unwrap();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    backup(&repo, src.path()).await;
+    let pristine = tempdir();
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", repo_dir.path().display()))
+        .arg(pristine.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let objects = files_under(repo_dir.path());
+    assert!(objects.len() >= 6, "{objects:?}");
+    for obj in &objects {
+        let rel = obj.strip_prefix(repo_dir.path()).unwrap().to_path_buf();
+        let size = std::fs::metadata(obj).unwrap().len() as usize;
+        for at in [0, 30, size / 2, size.saturating_sub(20), size - 1] {
+            flip(obj, at);
+            let outcome = async {
+                let repo =
+                    Arc::new(Repository::open(backend.clone(), PASSWORD, &no_cache()).await?);
+                let out = tempdir();
+                restore_latest(&repo, out.path()).await?;
+                // If a restore "succeeds", its data must still be exactly right.
+                ferry_mover::fsmeta::compare_trees(src.path(), out.path())
+                    .map_err(Error::Invalid)?;
+                let r = check(repo, true, Default::default()).await?;
+                if r.ok() {
+                    Ok(())
+                } else {
+                    Err(Error::Integrity(r.errors.join("; ")))
+                }
+            }
+            .await;
+            let is_key = rel.starts_with("keys");
+            match outcome {
+                Err(Error::Integrity(_) | Error::Format(_)) => {}
+                Err(Error::WrongPassword) if is_key => {}
+                other => panic!("flip in {} at {at}: {other:?}", rel.display()),
+            }
+            std::fs::copy(pristine.path().join(&rel), obj).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_pack_is_a_clear_error() {
+    let (src, repo_dir, out) = (tempdir(), tempdir(), tempdir());
+    std::fs::write(src.path().join("f"), pseudo_random(1 << 20, 2)).unwrap();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    backup(&repo, src.path()).await;
+    for p in files_under(&repo_dir.path().join("data")) {
+        std::fs::remove_file(p).unwrap();
+    }
+    let repo = reopen(&backend).await;
+    let err = restore_latest(&repo, out.path()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Integrity(m) if m.contains("missing")),
+        "{err}"
+    );
+    let r = check(repo, false, Default::default()).await.unwrap();
+    assert!(r.errors.iter().any(|e| e.contains("missing")), "{r:?}");
+}
+
+/// Stores `trees` (in order, the last is the root) and a snapshot naming the root, bypassing the backup code.
+async fn forge_snapshot(repo: &Repository, trees: Vec<Tree>, data: &[&[u8]]) -> Tree {
+    let keys = repo.keys();
+    let root = trees.last().unwrap().clone();
+    let mut packs = Vec::new();
+    for (kind, blobs) in [
+        (
+            BlobKind::Data,
+            data.iter().map(|d| d.to_vec()).collect::<Vec<_>>(),
+        ),
+        (
+            BlobKind::Tree,
+            trees.iter().map(|t| t.to_bytes().unwrap()).collect(),
+        ),
+    ] {
+        let mut w = PackWriter::new(kind, 1 << 20);
+        for b in &blobs {
+            w.add(
+                keys.blob_id(b),
+                b.len(),
+                &encode_blob(keys, kind, b).unwrap(),
+            );
+        }
+        let p = w.finish(keys).unwrap();
+        repo.backend()
+            .put(&p.id.key(), p.bytes.clone())
+            .await
+            .unwrap();
+        packs.push(IndexPack {
+            id: p.id,
+            kind,
+            size: p.bytes.len() as u64,
+            blobs: p.header.blobs,
+        });
+    }
+    repo.write_index(&IndexSegment {
+        version: INDEX_VERSION,
+        packs,
+    })
+    .await
+    .unwrap();
+    let snap = Snapshot {
+        version: SNAPSHOT_VERSION,
+        time: "2026-01-01T00:00:00.000000000Z".into(),
+        hostname: "forger".into(),
+        path: "/".into(),
+        source: SourceKind::Filesystem,
+        tree: keys.blob_id(&root.to_bytes().unwrap()),
+        parent: None,
+        tags: Default::default(),
+        summary: Summary::default(),
+    };
+    repo.write_snapshot(&snap).await.unwrap();
+    root
+}
+
+fn node(name: &[u8], kind: NodeKind, size: u64) -> Node {
+    Node {
+        name: name.to_vec(),
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime_sec: 0,
+        mtime_nsec: 0,
+        xattrs: vec![],
+        hardlink: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_never_writes_outside_its_target() {
+    let payload: &[u8] = b"evil";
+    for bad in [
+        &b".."[..],
+        b"../../escape",
+        b"/etc/cron.d/x",
+        b"a/../../x",
+        b".",
+    ] {
+        let repo_dir = tempdir();
+        let backend = local(repo_dir.path());
+        let repo = new_repo(backend.clone()).await;
+        let id = repo.keys().blob_id(payload);
+        // Encode the tree directly: Tree::new would not validate, but restore must.
+        let t = Tree {
+            version: TREE_VERSION,
+            nodes: vec![node(bad, NodeKind::File { content: vec![id] }, 4)],
+        };
+        forge_snapshot(&repo, vec![t], &[payload]).await;
+        let repo = reopen(&backend).await;
+        let out = tempdir();
+        let target = out.path().join("t");
+        let err = restore_latest(&repo, &target).await.unwrap_err();
+        assert!(matches!(err, Error::UnsafePath(_)), "{bad:?}: {err}");
+        assert_eq!(files_under(out.path()).len(), 0, "{bad:?} wrote something");
+    }
+
+    // A symlink and a directory of the same name: the tree is rejected.
+    let repo_dir = tempdir();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let id = repo.keys().blob_id(payload);
+    let inner = Tree::new(vec![node(b"f", NodeKind::File { content: vec![id] }, 4)]);
+    let inner_id = repo.keys().blob_id(&inner.to_bytes().unwrap());
+    let root = Tree {
+        version: TREE_VERSION,
+        nodes: vec![
+            node(
+                b"d",
+                NodeKind::Symlink {
+                    target: b"/tmp".to_vec(),
+                },
+                0,
+            ),
+            node(b"d", NodeKind::Dir { subtree: inner_id }, 0),
+        ],
+    };
+    forge_snapshot(&repo, vec![inner.clone(), root], &[payload]).await;
+    let out = tempdir();
+    let err = restore_latest(&reopen(&backend).await, out.path())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnsafePath(_)), "{err}");
+
+    // A symlink already in the target where the snapshot has a directory is replaced, not followed.
+    let repo_dir = tempdir();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let id = repo.keys().blob_id(payload);
+    let inner = Tree::new(vec![node(b"f", NodeKind::File { content: vec![id] }, 4)]);
+    let inner_id = repo.keys().blob_id(&inner.to_bytes().unwrap());
+    let root = Tree::new(vec![node(b"d", NodeKind::Dir { subtree: inner_id }, 0)]);
+    forge_snapshot(&repo, vec![inner, root], &[payload]).await;
+    let (out, outside) = (tempdir(), tempdir());
+    std::os::unix::fs::symlink(outside.path(), out.path().join("d")).unwrap();
+    restore_latest(&reopen(&backend).await, out.path())
+        .await
+        .unwrap();
+    assert!(
+        files_under(outside.path()).is_empty(),
+        "restore followed a symlink out of its target"
+    );
+    assert_eq!(std::fs::read(out.path().join("d/f")).unwrap(), payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backups_at_once_both_succeed() {
+    let (a, b, repo_dir) = (tempdir(), tempdir(), tempdir());
+    rich_tree(a.path());
+    std::fs::write(b.path().join("x"), pseudo_random(6 << 20, 77)).unwrap();
+    std::fs::write(b.path().join("same-as-a"), pseudo_random(5 << 20, 1)).unwrap();
+    let backend = local(repo_dir.path());
+    new_repo(backend.clone()).await;
+    let (r1, r2) = (reopen(&backend).await, reopen(&backend).await);
+    let (s1, s2) = tokio::join!(backup(&r1, a.path()), backup(&r2, b.path()));
+    let repo = reopen(&backend).await;
+    for (src, s) in [(a.path(), &s1), (b.path(), &s2)] {
+        let out = tempdir();
+        let o = RestoreOptions {
+            verify: true,
+            ..RestoreOptions::new(out.path())
+        };
+        ferry_mover::restore::restore(repo.clone(), &s.snapshot, &o, Default::default())
+            .await
+            .unwrap();
+        ferry_mover::fsmeta::compare_trees(src, out.path()).unwrap();
+    }
+    let r = check(repo, true, Default::default()).await.unwrap();
+    assert!(r.ok(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_device_images_round_trip_and_restore_sparse() {
+    let (dir, repo_dir) = (tempdir(), tempdir());
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(48 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(3 << 20, 9), 1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"superblock", 40 << 20).unwrap();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let mut o = BackupOptions::new(&img);
+    o.block_device = true;
+    let b = ferry_mover::backup::backup(repo.clone(), o, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(b.snapshot.source, SourceKind::Block);
+    assert_eq!(b.snapshot.summary.total_bytes, 48 << 20);
+    assert!(
+        b.snapshot.summary.stored_bytes < 5 << 20,
+        "zeros must dedup: {:?}",
+        b.snapshot.summary
+    );
+
+    let out = dir.path().join("restored.img");
+    let mut ro = RestoreOptions::new(&out);
+    ro.sparse = true;
+    ro.verify = true;
+    ferry_mover::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+    let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(
+        allocated < 16 << 20,
+        "sparse restore allocated {allocated} bytes"
+    );
+
+    // Restoring over an existing, dirty image gives the same bytes.
+    std::fs::write(&out, vec![0xFFu8; 50 << 20]).unwrap();
+    ferry_mover::restore::restore(repo, &b.snapshot, &ro, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_used_and_a_corrupt_cache_is_harmless() {
+    let (src, repo_dir, cache_dir) = (tempdir(), tempdir(), tempdir());
+    rich_tree(src.path());
+    let backend = local(repo_dir.path());
+    new_repo(backend.clone()).await;
+    let opts = OpenOptions {
+        cache_dir: Some(cache_dir.path().to_path_buf()),
+        cache_limit: 8 << 20,
+    };
+    let repo = Arc::new(
+        Repository::open(backend.clone(), PASSWORD, &opts)
+            .await
+            .unwrap(),
+    );
+    backup(&repo, src.path()).await;
+    let repo = Arc::new(
+        Repository::open(backend.clone(), PASSWORD, &opts)
+            .await
+            .unwrap(),
+    );
+    assert!(repo.index().await.unwrap().len() > 3);
+    let db = cache_dir
+        .path()
+        .join(format!("{}.sqlite", repo.config().id));
+    assert!(db.exists());
+    // Corrupt every cached value in place: results must stay correct.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE objects SET value = zeroblob(length(value))", [])
+        .unwrap();
+    drop(conn);
+    let repo = Arc::new(
+        Repository::open(backend.clone(), PASSWORD, &opts)
+            .await
+            .unwrap(),
+    );
+    let out = tempdir();
+    restore_latest(&repo, out.path()).await.unwrap();
+    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    // Garbage instead of a database: rebuilt.
+    std::fs::write(
+        &db,
+        b"garbage garbage garbage garbage garbage garbage garbage garbage garbage",
+    )
+    .unwrap();
+    let repo = Arc::new(Repository::open(backend, PASSWORD, &opts).await.unwrap());
+    backup(&repo, src.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_backup_and_leaves_a_consistent_repository() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    std::fs::write(src.path().join("f"), pseudo_random(8 << 20, 3)).unwrap();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let p = Arc::new(Progress::default());
+    p.cancel();
+    let err = ferry_mover::backup::backup(repo.clone(), BackupOptions::new(src.path()), p)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Canceled), "{err}");
+    assert!(repo.snapshots().await.unwrap().is_empty());
+    let r = check(reopen(&backend).await, true, Default::default())
+        .await
+        .unwrap();
+    assert!(r.ok(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_confused_object_is_rejected() {
+    // A snapshot replaced by a validly encrypted index segment of the same repository.
+    let repo_dir = tempdir();
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let stored = ferry_mover::pack::encode(repo.keys(), Kind::Index, b"{}", false).unwrap();
+    let name = hex::encode(blake3::hash(&stored).as_bytes());
+    backend
+        .put(&format!("snapshots/{name}"), Bytes::from(stored))
+        .await
+        .unwrap();
+    let err = reopen(&backend).await.snapshots().await.unwrap_err();
+    assert!(matches!(err, Error::Integrity(_)), "{err}");
+}

@@ -1,0 +1,153 @@
+//! A backup killed with SIGKILL leaves a repository that `check` accepts, and the next backup completes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn ferry(repo: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env("FERRY_PASSWORD", "kill9 test password")
+        .env("FERRY_REPO", repo)
+        .arg("--no-cache")
+        .arg("--quiet");
+    c
+}
+
+#[test]
+fn kill_dash_nine_mid_backup_leaves_a_checkable_repository() {
+    let (src, repo) = (tempdir(), tempdir());
+    for i in 0..12 {
+        std::fs::write(
+            src.path().join(format!("f{i}")),
+            pseudo_random(16 << 20, i + 1),
+        )
+        .unwrap();
+    }
+    assert!(ferry(repo.path()).arg("init").status().unwrap().success());
+
+    // Start a backup, wait until some packs have reached storage, then kill -9.
+    let mut child = ferry(repo.path())
+        .arg("backup")
+        .arg(src.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let data = repo.path().join("data");
+    let t0 = Instant::now();
+    loop {
+        let packs = std::fs::read_dir(&data).map(|d| d.count()).unwrap_or(0);
+        if packs >= 2 || t0.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished before it could be killed; make the data bigger"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let out = ferry(repo.path())
+        .args(["snapshots", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let snaps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        snaps.as_array().unwrap().len(),
+        0,
+        "a killed backup must not leave a snapshot"
+    );
+
+    let check = ferry(repo.path())
+        .args(["check", "--read-data"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "check after kill -9: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // The next backup completes and restores exactly.
+    let out = ferry(repo.path())
+        .args(["backup", "--json"])
+        .arg(src.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["totalBytes"], 12 * (16 << 20));
+    let target = tempdir();
+    let st = ferry(repo.path())
+        .args(["restore", "latest"])
+        .arg(target.path())
+        .arg("--verify")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ferry_mover::fsmeta::compare_trees(src.path(), target.path()).unwrap();
+    let check = ferry(repo.path())
+        .args(["check", "--read-data"])
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let (repo, empty) = (tempdir(), tempdir());
+    assert!(ferry(repo.path()).arg("init").status().unwrap().success());
+    let out = ferry(repo.path())
+        .arg("snapshots")
+        .env("FERRY_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong password"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ferry(empty.path()).arg("snapshots").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ferry init"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ferry(repo.path())
+        .args(["restore", "latest", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no snapshots"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ferry(repo.path())
+        .arg("backup")
+        .arg(empty.path().join("missing"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["snapshots"])
+        .env_remove("FERRY_REPO")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--repo"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
