@@ -519,8 +519,8 @@ async fn snapshots(ctx: &Ctx) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<20} {:<16} {:>10} {:>10}  {:<5} {}",
-        "ID", "TIME", "HOST", "SIZE", "NEW", "KIND", "PATH"
+        "{:<10} {:<20} {:<16} {:>10} {:>10}  {:<5} PATH",
+        "ID", "TIME", "HOST", "SIZE", "NEW", "KIND"
     );
     for (id, s) in &all {
         println!(

@@ -88,6 +88,14 @@ struct Plan {
     summary: RestoreSummary,
 }
 
+/// What planning needs besides the plan itself.
+struct Env<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    rt: &'a tokio::runtime::Handle,
+    as_root: bool,
+}
+
 /// Makes sure `path` is a real directory created or vetted by us.
 fn ensure_dir(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
@@ -166,24 +174,15 @@ impl Plan {
         Ok(())
     }
 
-    fn create_node(
-        &mut self,
-        repo: &Repository,
-        index: &Index,
-        rt: &tokio::runtime::Handle,
-        dir: &Path,
-        node: &Node,
-        depth: usize,
-        as_root: bool,
-    ) -> Result<()> {
+    fn create_node(&mut self, env: &Env<'_>, dir: &Path, node: &Node, depth: usize) -> Result<()> {
         let path = dir.join(std::ffi::OsStr::from_bytes(&node.name));
         match &node.kind {
             NodeKind::Dir { subtree } => {
                 ensure_dir(&path)?;
                 self.summary.dirs += 1;
-                let tree = rt.block_on(repo.read_tree(subtree))?;
+                let tree = env.rt.block_on(env.repo.read_tree(subtree))?;
                 for n in &tree.nodes {
-                    self.create_node(repo, index, rt, &path, n, depth + 1, as_root)?;
+                    self.create_node(env, &path, n, depth + 1)?;
                 }
                 self.dir_meta.push((path, node.clone(), depth));
                 return Ok(());
@@ -205,7 +204,7 @@ impl Plan {
                     .open(&path)
                     .map_err(|e| Error::io(&path, e))?;
                 f.set_len(node.size).map_err(|e| Error::io(&path, e))?;
-                self.add_file(index, path.clone(), content, node.size, false)?;
+                self.add_file(env.index, path.clone(), content, node.size, false)?;
             }
             NodeKind::Symlink { target } => {
                 clear_slot(&path)?;
@@ -218,7 +217,7 @@ impl Plan {
                     .map_err(|e| Error::io(&path, e.into()))?;
             }
             NodeKind::CharDevice { rdev } | NodeKind::BlockDevice { rdev } => {
-                if !as_root {
+                if !env.as_root {
                     self.summary.warnings.push(format!(
                         "{}: device node not created (needs root)",
                         path.display()
@@ -296,7 +295,7 @@ fn plan_ranges(index: &Index, ids: impl Iterator<Item = BlobId>) -> Result<Vec<R
         out.extend(cur);
     }
     // Largest first keeps the tail of the restore short.
-    out.sort_by(|a, b| b.len.cmp(&a.len));
+    out.sort_by_key(|r| std::cmp::Reverse(r.len));
     Ok(out)
 }
 
@@ -379,8 +378,14 @@ pub async fn restore(
                     )));
                 }
                 plan.summary.dirs += 1;
+                let env = Env {
+                    repo: &repo,
+                    index: &index,
+                    rt: &rt,
+                    as_root,
+                };
                 for n in &root.nodes {
-                    plan.create_node(&repo, &index, &rt, &target, n, 1, as_root)?;
+                    plan.create_node(&env, &target, n, 1)?;
                 }
             }
             Ok(plan)
@@ -447,7 +452,7 @@ pub async fn restore(
             summary.warnings.extend(fsmeta::apply(path, node, as_root)?);
         }
         let mut dirs: Vec<_> = plan.dir_meta.iter().collect();
-        dirs.sort_by(|a, b| b.2.cmp(&a.2));
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.2));
         for (path, node, _) in dirs {
             summary.warnings.extend(fsmeta::apply(path, node, as_root)?);
         }

@@ -193,23 +193,23 @@ impl S3Server {
             .stderr(log)
             .spawn()
             .expect("starting versitygw");
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let log = dir.path().join("versitygw.log");
+        let server = S3Server {
+            child,
+            _dir: dir,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access,
+            secret,
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return S3Server {
-                    child,
-                    _dir: dir,
-                    endpoint,
-                    access,
-                    secret,
-                };
+                return server;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        panic!(
-            "versitygw did not start; log: {}",
-            std::fs::read_to_string(dir.path().join("versitygw.log")).unwrap_or_default()
-        );
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        drop(server);
+        panic!("versitygw did not start; log: {log}");
     }
 
     pub fn options(&self, bucket: &str, prefix: &str) -> ferry_mover::backend::s3::S3Options {
