@@ -32,7 +32,7 @@ CSI_STATE=$E2E/csi-data
 CTR_ROOT=$E2E/containerd        # containerd root (images, snapshots)
 CTR_STATE=/run/ferry-e2e/containerd
 CTR_SOCK=$CTR_STATE/containerd.sock
-TEST_IMAGE=localhost/ferry-e2e-tools:e2e   # busybox (static) + s3probe
+TEST_IMAGE=localhost/ferry-e2e-tools:e2e   # busybox (static) + s3probe + kubeprobe
 PAUSE_IMAGE=localhost/ferry-pause:e2e
 
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }

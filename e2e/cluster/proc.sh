@@ -12,7 +12,7 @@ alive_pid() {
   local f; f=$(pidfile "$1")
   [ -s "$f" ] || return 1
   local pid exe; read -r pid exe <"$f" || true
-  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
+  [ -n "$pid" ] && running "$pid" || return 1
   if [ -n "${exe:-}" ]; then
     [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$exe" ] || return 1
   fi
@@ -33,14 +33,20 @@ start() {
   log "$name: started (pid $!)"
 }
 
+# running PID: the process exists and is not a zombie waiting to be reaped.
+running() {
+  local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "$st" != Z ]
+}
+
 # stop NAME [timeout]: SIGTERM by recorded pid, then SIGKILL.
 stop() {
   local name=$1 t=${2:-15} pid
   if pid=$(alive_pid "$name"); then
     kill -TERM "$pid" 2>/dev/null || true
     local i=0
-    while [ -d "/proc/$pid" ] && [ $i -lt $((t * 5)) ]; do sleep 0.2; i=$((i + 1)); done
-    if [ -d "/proc/$pid" ]; then
+    while running "$pid" && [ $i -lt $((t * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+    if running "$pid"; then
       log "$name: did not stop in ${t}s, killing"
       kill -KILL "$pid" 2>/dev/null || true
       sleep 0.5
