@@ -14,7 +14,9 @@ alive_pid() {
   local pid exe; read -r pid exe <"$f" || true
   [ -n "$pid" ] && running "$pid" || return 1
   if [ -n "${exe:-}" ]; then
-    [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$exe" ] || return 1
+    local cur; cur=$(readlink "/proc/$pid/exe" 2>/dev/null)
+    # " (deleted)": still our process, but its binary was rebuilt since (start restarts it)
+    [ "${cur% (deleted)}" = "$exe" ] || return 1
   fi
   echo "$pid"
 }
@@ -23,8 +25,12 @@ alive_pid() {
 start() {
   local name=$1; shift
   if pid=$(alive_pid "$name"); then
-    log "$name: already running (pid $pid)"
-    return 0
+    if [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" != *" (deleted)" ]]; then
+      log "$name: already running (pid $pid)"
+      return 0
+    fi
+    log "$name: binary was rebuilt, restarting"
+    stop "$name"
   fi
   local exe; exe=$(readlink -f "$(command -v "$1")")
   echo "---- $(date -Is) starting: $*" >>"$LOGS/$name.log"
