@@ -185,6 +185,16 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Builds an image from a static binary or a root-filesystem directory and imports it into the
+    /// cluster's containerd (`e2e/cluster/load-image`). Returns the normalised image reference.
+    pub fn load_image(&self, name_tag: &str, source: &Path) -> Result<String> {
+        let out = Command::new(self.script("load-image")).arg(name_tag).arg(source).output()?;
+        if !out.status.success() {
+            bail!("load-image {name_tag} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// The last `n` lines of a component's log under `$FERRY_E2E_HOME/logs/`.
     pub fn log_tail(&self, component: &str, n: usize) -> String {
         let p = self.home.join("logs").join(format!("{component}.log"));
