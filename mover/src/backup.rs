@@ -112,6 +112,8 @@ struct Shared {
     progress: Arc<Progress>,
     rt: tokio::runtime::Handle,
     read_bytes: std::sync::atomic::AtomicU64,
+    /// Set when the walk failed: readers drop their remaining jobs instead of reading them.
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -144,6 +146,9 @@ impl Shared {
             f,
             |chunk| {
                 self.progress.check()?;
+                if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(pipeline_stopped());
+                }
                 let n = chunk.len() as u64;
                 ids.push(self.store(tx, BlobKind::Data, chunk)?);
                 Progress::add(&self.progress.bytes_done, n);
@@ -415,6 +420,7 @@ pub async fn backup(
         progress: progress.clone(),
         rt: tokio::runtime::Handle::current(),
         read_bytes: Default::default(),
+        stop: Default::default(),
     });
     let pack_size = repo.config().pack_size as usize;
     let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
@@ -577,18 +583,23 @@ pub async fn backup(
         .await
         .map_err(|e| Error::Invalid(format!("join: {e}")))?
         .map_err(|_| Error::Invalid("the backup walker panicked".into()))?;
+    progress.set_phase(Phase::Finishing);
+    // Index what reached storage even when the backup failed or was canceled, so the next one resumes
+    // from it instead of uploading the same data again.
+    let indexed = if pending.is_empty() {
+        Ok(())
+    } else {
+        let segment = IndexSegment {
+            version: INDEX_VERSION,
+            packs: pending,
+        };
+        repo.write_index(&segment).await.map(|_| ())
+    };
     if let Some(e) = upload_err {
         return Err(e);
     }
     let (root, stats) = walked?;
-    progress.set_phase(Phase::Finishing);
-    if !pending.is_empty() {
-        repo.write_index(&IndexSegment {
-            version: INDEX_VERSION,
-            packs: pending,
-        })
-        .await?;
-    }
+    indexed?;
     let summary = Summary {
         files: stats.files,
         dirs: stats.dirs,

@@ -260,7 +260,8 @@ struct Range {
 
 fn plan_ranges(index: &Index, ids: impl Iterator<Item = BlobId>) -> Result<Vec<Range>> {
     const GAP: u64 = 256 * 1024;
-    const MAX: u64 = 32 * 1024 * 1024;
+    // Bounds memory: at most `downloads` ranges of this size are held at once.
+    const MAX: u64 = 8 * 1024 * 1024;
     let mut by_pack: HashMap<PackId, Vec<(BlobId, u64, u32, u32)>> = HashMap::new();
     for id in ids {
         let l = index

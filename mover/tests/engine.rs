@@ -510,3 +510,43 @@ async fn a_kind_confused_object_is_rejected() {
     let err = reopen(&backend).await.snapshots().await.unwrap_err();
     assert!(matches!(err, Error::Integrity(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_canceled_midway_is_resumed_by_the_next_one() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    for i in 0..6 {
+        std::fs::write(
+            src.path().join(format!("f{i}")),
+            pseudo_random(24 << 20, 1000 + 2 * i),
+        )
+        .unwrap();
+    }
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let p = Arc::new(Progress::default());
+    let task = tokio::spawn(ferry_mover::backup::backup(
+        repo.clone(),
+        BackupOptions::new(src.path()),
+        p.clone(),
+    ));
+    while p.report().bytes_transferred < 16 << 20 && !task.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    p.cancel();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, Error::Canceled),
+        "{err} (the backup finished before it could be canceled?)"
+    );
+    let b = backup(&reopen(&backend).await, src.path()).await;
+    let s = &b.snapshot.summary;
+    assert!(
+        s.new_bytes + (16 << 20) <= s.total_bytes,
+        "nothing was reused: {s:?}"
+    );
+    assert_eq!(s.read_bytes, s.total_bytes);
+    let r = check(reopen(&backend).await, true, Default::default())
+        .await
+        .unwrap();
+    assert!(r.ok() && r.warnings.is_empty(), "{r:?}");
+}
