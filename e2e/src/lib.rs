@@ -188,9 +188,15 @@ impl Cluster {
     /// Builds an image from a static binary or a root-filesystem directory and imports it into the
     /// cluster's containerd (`e2e/cluster/load-image`). Returns the normalised image reference.
     pub fn load_image(&self, name_tag: &str, source: &Path) -> Result<String> {
-        let out = Command::new(self.script("load-image")).arg(name_tag).arg(source).output()?;
+        let out = Command::new(self.script("load-image"))
+            .arg(name_tag)
+            .arg(source)
+            .output()?;
         if !out.status.success() {
-            bail!("load-image {name_tag} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "load-image {name_tag} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
