@@ -85,7 +85,7 @@ impl BackupOptions {
             hostname: None,
             readers: 2,
             workers: cpus,
-            uploads: 3,
+            uploads: 2,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::io::Read;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Chunk size parameters, stored in the repository config.
@@ -121,8 +121,8 @@ impl Chunker {
         end
     }
 
-    /// Splits a stream into chunks, calling `f` with each. Reads in large blocks; the memory held is
-    /// about twice the maximum chunk size.
+    /// Splits a stream into chunks, calling `f` with each. One read buffer of `max + 1 MiB` is reused for
+    /// the whole stream (compacted in place); each chunk is handed out as its own exact-size copy.
     pub fn chunk_stream<R: Read, E>(
         &self,
         mut r: R,
@@ -130,32 +130,33 @@ impl Chunker {
         mut on_io: impl FnMut(std::io::Error) -> E,
     ) -> Result<(), E> {
         const READ: usize = 1 << 20;
-        let mut buf = BytesMut::with_capacity(self.max + READ);
-        let mut eof = false;
+        let mut buf = vec![0u8; self.max + READ];
+        let (mut start, mut end, mut eof) = (0usize, 0usize, false);
         loop {
-            while !eof && buf.len() < self.max {
-                let old = buf.len();
-                buf.resize(old + READ, 0);
+            while !eof && end - start < self.max {
+                if end + READ > buf.len() {
+                    buf.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
                 let got = loop {
-                    match r.read(&mut buf[old..]) {
+                    match r.read(&mut buf[end..end + READ]) {
                         Ok(n) => break n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(on_io(e)),
                     }
                 };
-                buf.truncate(old + got);
                 if got == 0 {
                     eof = true;
                 }
+                end += got;
             }
-            if buf.is_empty() {
+            if start == end {
                 return Ok(());
             }
-            let n = self.cut(&buf);
-            f(buf.split_to(n).freeze())?;
-            if buf.capacity() < self.max + READ {
-                buf.reserve(self.max + READ - buf.len());
-            }
+            let n = self.cut(&buf[start..end]);
+            f(Bytes::copy_from_slice(&buf[start..start + n]))?;
+            start += n;
         }
     }
 }

@@ -88,9 +88,9 @@ enum Command {
         /// Host name to record and match parents by.
         #[arg(long)]
         host: Option<String>,
-        /// Concurrent pack uploads.
-        #[arg(long, default_value_t = 3)]
-        uploads: usize,
+        /// Concurrent pack uploads (default: 2 for a local repository, 4 for S3).
+        #[arg(long)]
+        uploads: Option<usize>,
     },
     /// Restore a snapshot (`latest` or an id) into TARGET.
     Restore {
@@ -354,7 +354,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             opts.tags = tags.into_iter().collect::<BTreeMap<_, _>>();
             opts.hostname = host;
-            opts.uploads = uploads;
+            let remote = matches!(ctx.location()?, Location::S3 { .. });
+            opts.uploads = uploads.unwrap_or(if remote { 4 } else { 2 });
             let r = backup(&ctx, repo, opts).await?;
             if ctx.global.json {
                 println!("{}", serde_json::to_string(&r)?);
