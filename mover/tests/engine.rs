@@ -81,13 +81,7 @@ async fn incremental_backups_skip_unchanged_files_even_from_a_fresh_clone() {
 
     // A fresh copy (new inodes and ctimes, same mtimes) with an explicit parent reads nothing.
     let clone = tempdir();
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.path().display()))
-        .arg(clone.path())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    copy_tree(src.path(), clone.path());
     let mut o = BackupOptions::new(clone.path());
     o.parent = ParentSpec::Snapshot(b3.id.to_hex());
     let b4 = ferry_mover::backup::backup(reopen(&backend).await, o, Arc::new(Progress::default()))
@@ -117,20 +111,6 @@ async fn wrong_password_is_a_clear_error() {
     assert!(matches!(err, Error::NoRepository(_)), "{err}");
 }
 
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(files_under(&p))
-        } else {
-            out.push(p)
-        }
-    }
-    out.sort();
-    out
-}
-
 fn flip(path: &std::path::Path, at: usize) {
     let mut b = std::fs::read(path).unwrap();
     let i = at.min(b.len() - 1);
@@ -147,13 +127,7 @@ async fn a_flipped_bit_anywhere_is_detected_never_restored_as_data() {
     let repo = new_repo(backend.clone()).await;
     backup(&repo, src.path()).await;
     let pristine = tempdir();
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", repo_dir.path().display()))
-        .arg(pristine.path())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    copy_tree(repo_dir.path(), pristine.path());
 
     let objects = files_under(repo_dir.path());
     assert!(objects.len() >= 6, "{objects:?}");

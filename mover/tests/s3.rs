@@ -52,7 +52,7 @@ async fn s3_backend_conformance_and_round_trip() {
 
     // Tamper with a pack on the server's disk: check --read-data and restore must both refuse.
     let data_dir = s3.bucket_dir("repos").join("velero/ferry/app/data");
-    let pack = walk_files(&data_dir)
+    let pack = files_under(&data_dir)
         .into_iter()
         .max_by_key(|p| std::fs::metadata(p).unwrap().len())
         .unwrap();
@@ -101,17 +101,4 @@ async fn s3_errors_are_clear() {
         .await
         .unwrap_err();
     assert!(matches!(err, ferry_mover::Error::Backend { .. }), "{err}");
-}
-
-fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk_files(&p))
-        } else {
-            out.push(p)
-        }
-    }
-    out
 }

@@ -131,6 +131,32 @@ pub fn rich_tree(root: &Path) {
     filetime::set_symlink_file_times(root.join("rel-link"), t, t).unwrap();
 }
 
+/// Every regular file below `dir`, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p))
+        } else {
+            out.push(p)
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `cp -a SRC/. DST`: a copy with new inodes and ctimes but the same metadata otherwise.
+pub fn copy_tree(src: &Path, dst: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(dst)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
