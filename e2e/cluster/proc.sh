@@ -83,18 +83,18 @@ wait_for() {
 }
 
 CURL=(curl -sS --max-time 5)
-check_etcd() { "${CURL[@]}" http://127.0.0.1:2379/health | grep -q '"health":"true"'; }
+check_etcd() { "${CURL[@]}" http://127.0.0.1:2379/health | grep '"health":"true"' >/dev/null; }
 check_apiserver() { [ "$("${CURL[@]}" --cacert "$PKI/ca.crt" "https://$NODE_IP:6443/readyz")" = ok ]; }
 check_kcm() { [ "$("${CURL[@]}" -k https://127.0.0.1:10257/healthz)" = ok ]; }
 check_scheduler() { [ "$("${CURL[@]}" -k https://127.0.0.1:10259/healthz)" = ok ]; }
 check_containerd() { ctr --address "$CTR_SOCK" version >/dev/null; }
 check_kubelet() { [ "$("${CURL[@]}" http://127.0.0.1:10248/healthz)" = ok ]; }
-check_proxy() { "${CURL[@]}" -o /dev/null -w '%{http_code}' http://127.0.0.1:10256/healthz | grep -q 200; }
-check_s3() { "${CURL[@]}" -o /dev/null -w '%{http_code}' "http://$NODE_IP:$S3_PORT/" | grep -qE '^[2-4][0-9][0-9]$'; }
+check_proxy() { "${CURL[@]}" -o /dev/null -w '%{http_code}' http://127.0.0.1:10256/healthz | grep 200 >/dev/null; }
+check_s3() { "${CURL[@]}" -o /dev/null -w '%{http_code}' "http://$NODE_IP:$S3_PORT/" | grep -E '^[2-4][0-9][0-9]$' >/dev/null; }
 check_csi_socket() { [ -S "$CSI_SOCK" ]; }
 check_node() {
   [ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>&1)" = True ] ||
     { kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}' 2>&1; return 1; }
 }
-check_csinode() { kc get csinode "$NODE_NAME" -o jsonpath='{.spec.drivers[*].name}' 2>&1 | grep -qw "$CSI_DRIVER"; }
+check_csinode() { kc get csinode "$NODE_NAME" -o jsonpath='{.spec.drivers[*].name}' 2>&1 | grep -w "$CSI_DRIVER" >/dev/null; }
 check_default_sa() { kc -n default get serviceaccount default >/dev/null 2>&1; }
