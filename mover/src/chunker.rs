@@ -164,6 +164,7 @@ impl Chunker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdata::pseudo_random;
     use proptest::prelude::*;
 
     fn chunker() -> Chunker {
@@ -175,18 +176,6 @@ mod tests {
                 max: 16384,
             },
         )
-    }
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     fn chunks(c: &Chunker, data: &[u8]) -> Vec<Bytes> {

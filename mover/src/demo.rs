@@ -13,19 +13,15 @@ use ferry_mover::progress::Progress;
 use ferry_mover::repo::{OpenOptions, Repository};
 use ferry_mover::restore::RestoreOptions;
 
+use ferry_mover::testdata::pseudo_random;
+
 use crate::cli::human;
 
 fn write_tree(root: &Path) -> Result<()> {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rnd = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
+    let mut seed = 0;
+    let mut rnd = |n: usize| {
+        seed += 1;
+        pseudo_random(n, seed)
     };
     for d in 0..20 {
         let dir = root.join(format!("dir{d:02}"));

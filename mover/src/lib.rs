@@ -22,6 +22,7 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;
+pub mod testdata;
 pub mod tree;
 
 use std::sync::Arc;

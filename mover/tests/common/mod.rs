@@ -72,17 +72,7 @@ pub async fn restore_latest(
     ferry_mover::restore::restore(repo.clone(), &snap, &o, Arc::new(Progress::default())).await
 }
 
-pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use ferry_mover::testdata::pseudo_random;
 
 /// A tree with every kind of entry and metadata Ferry records.
 pub fn rich_tree(root: &Path) {
