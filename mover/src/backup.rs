@@ -209,7 +209,7 @@ impl Walker<'_> {
         path: PathBuf,
         node: &Node,
         parent: Option<&Node>,
-    ) -> Result<Option<cb::Receiver<Result<Vec<BlobId>>>>> {
+    ) -> Result<cb::Receiver<Result<Vec<BlobId>>>> {
         self.stats.bytes += node.size;
         if let Some(p) = parent
             && same_file(p, node)
@@ -218,13 +218,13 @@ impl Walker<'_> {
         {
             Progress::add(&self.shared.progress.bytes_done, node.size);
             Progress::add(&self.shared.progress.files_done, 1);
-            return Ok(Some(ready(content.clone())));
+            return Ok(ready(content.clone()));
         }
         let (reply, rx) = cb::bounded(1);
         self.jobs
             .send(FileJob { path, reply })
             .map_err(|_| pipeline_stopped())?;
-        Ok(Some(rx))
+        Ok(rx)
     }
 
     fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId> {
@@ -250,9 +250,7 @@ impl Walker<'_> {
                 NodeKind::Dir { .. } => subdirs.push((nodes.len(), path)),
                 NodeKind::File { .. } => {
                     self.stats.files += 1;
-                    if let Some(rx) = self.file_content(path, &node, pnode)? {
-                        pending.push((nodes.len(), rx));
-                    }
+                    pending.push((nodes.len(), self.file_content(path, &node, pnode)?));
                 }
                 _ => {
                     self.stats.files += 1;
@@ -310,11 +308,10 @@ impl Walker<'_> {
             } else {
                 parent.and_then(|t| t.find(&node.name))
             };
-            if let Some(rx) = self.file_content(path.to_path_buf(), &node, pnode)? {
-                node.kind = NodeKind::File {
-                    content: rx.recv().map_err(|_| pipeline_stopped())??,
-                };
-            }
+            let rx = self.file_content(path.to_path_buf(), &node, pnode)?;
+            node.kind = NodeKind::File {
+                content: rx.recv().map_err(|_| pipeline_stopped())??,
+            };
         }
         let tree = Tree::new(vec![node]).to_bytes()?;
         self.shared
