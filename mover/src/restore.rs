@@ -120,25 +120,24 @@ fn clear_slot(path: &Path) -> Result<()> {
     }
 }
 
-fn offsets(index: &Index, content: &[BlobId]) -> Result<Vec<u64>> {
+/// Offset of each chunk in its file, and the file's total length.
+fn offsets(index: &Index, content: &[BlobId]) -> Result<(Vec<u64>, u64)> {
     let mut off = 0u64;
-    content
-        .iter()
-        .map(|id| {
-            let loc = index.get(id).ok_or_else(|| {
-                Error::Integrity(format!("chunk {} is not in the index", id.short()))
-            })?;
-            if loc.kind != BlobKind::Data {
-                return Err(Error::Integrity(format!(
-                    "chunk {} is not a data blob",
-                    id.short()
-                )));
-            }
-            let o = off;
-            off += loc.raw_length as u64;
-            Ok(o)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(content.len());
+    for id in content {
+        let loc = index
+            .get(id)
+            .ok_or_else(|| Error::Integrity(format!("chunk {} is not in the index", id.short())))?;
+        if loc.kind != BlobKind::Data {
+            return Err(Error::Integrity(format!(
+                "chunk {} is not a data blob",
+                id.short()
+            )));
+        }
+        out.push(off);
+        off += loc.raw_length as u64;
+    }
+    Ok((out, off))
 }
 
 impl Plan {
@@ -150,11 +149,7 @@ impl Plan {
         size: u64,
         device: bool,
     ) -> Result<()> {
-        let offs = offsets(index, content)?;
-        let total = match (offs.last(), content.last()) {
-            (Some(o), Some(id)) => o + index.get(id).map(|l| l.raw_length as u64).unwrap_or(0),
-            _ => 0,
-        };
+        let (offs, total) = offsets(index, content)?;
         if total != size {
             return Err(Error::Integrity(format!(
                 "{}: chunks add up to {total} bytes, snapshot says {size}",
