@@ -6,6 +6,8 @@
 //! `$FERRY_E2E_HOME/s3.env` holds the S3 endpoint, bucket and credentials.
 //! Tests fail loudly when the cluster is not up, and print the tail of the components' logs on failure.
 
+pub mod ferry;
+
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -31,7 +31,7 @@ pub struct Cli {
 }
 
 /// Options every command takes.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Global {
     /// Repository: a path, file://PATH or s3://BUCKET/PREFIX.
     #[arg(long, short = 'r', env = "FERRY_REPO", global = true)]
@@ -117,12 +117,36 @@ enum Command {
         /// Path inside the snapshot.
         path: Option<String>,
     },
+    /// Delete snapshots: the given ids, or every snapshot carrying all the given tags.
+    Forget {
+        /// Snapshot ids or id prefixes.
+        ids: Vec<String>,
+        /// Select snapshots by tag, K=V (repeatable; all must match).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Prune afterwards.
+        #[arg(long)]
+        prune: bool,
+        /// Grace period of the prune, in seconds (see `prune`).
+        #[arg(long, default_value_t = DEFAULT_GRACE_SECONDS)]
+        grace_seconds: u64,
+    },
+    /// Delete data no snapshot references. Packs are deleted once they have been unreferenced for the grace
+    /// period (default 6 h), which keeps backups running meanwhile safe; 0 deletes at once.
+    Prune {
+        /// Grace period in seconds.
+        #[arg(long, default_value_t = DEFAULT_GRACE_SECONDS)]
+        grace_seconds: u64,
+    },
     /// Verify the repository.
     Check {
         /// Also download and verify every pack.
         #[arg(long)]
         read_data: bool,
     },
+    /// Mover-pod entrypoint (run by the Ferry controller inside a pod).
+    #[command(subcommand, hide = true)]
+    Pod(crate::podcmd::PodOp),
     /// Demonstrate Ferry end to end in a temporary directory.
     Demo {
         /// Work directory (default: a new temporary directory, removed afterwards).
@@ -131,7 +155,11 @@ enum Command {
     },
 }
 
-fn parse_tag(s: &str) -> Result<(String, String), String> {
+/// Default prune grace period: far longer than any backup runs.
+pub const DEFAULT_GRACE_SECONDS: u64 = 6 * 3600;
+
+/// Parses `K=V`.
+pub fn parse_tag(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("tag {s:?} is not K=V"))?;
@@ -191,7 +219,8 @@ impl Ctx {
         Ok(Location::parse(repo)?)
     }
 
-    fn password(&self) -> Result<Vec<u8>> {
+    /// The repository password.
+    pub fn password(&self) -> Result<Vec<u8>> {
         if let Some(f) = &self.global.password_file {
             let mut p = std::fs::read(f)
                 .with_context(|| format!("reading password file {}", f.display()))?;
@@ -206,7 +235,8 @@ impl Ctx {
         }
     }
 
-    async fn backend(&self) -> Result<Arc<dyn ferry_mover::backend::Backend>> {
+    /// The storage backend.
+    pub async fn backend(&self) -> Result<Arc<dyn ferry_mover::backend::Backend>> {
         let g = &self.global;
         let s3 = S3Options {
             endpoint: g.s3_endpoint.clone(),
@@ -424,6 +454,62 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("no errors found");
             }
         }
+        Command::Forget {
+            ids,
+            tags,
+            prune,
+            grace_seconds,
+        } => {
+            if ids.is_empty() && tags.is_empty() {
+                bail!("forget needs snapshot ids or --tag (refusing to forget every snapshot)");
+            }
+            let repo = ctx.open().await?;
+            let mut chosen = std::collections::HashSet::new();
+            for i in &ids {
+                chosen.insert(repo.find_snapshot(i).await?.0);
+            }
+            let gone = ferry_mover::prune::forget(&repo, |id, s| {
+                chosen.contains(id)
+                    || (!tags.is_empty() && tags.iter().all(|(k, v)| s.tags.get(k) == Some(v)))
+            })
+            .await?;
+            let report = if prune {
+                Some(
+                    ferry_mover::prune::prune(
+                        repo,
+                        Duration::from_secs(grace_seconds),
+                        Arc::new(Progress::default()),
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
+            if ctx.global.json {
+                let ids: Vec<String> = gone.iter().map(|i| i.to_hex()).collect();
+                println!("{}", serde_json::json!({"forgotten": ids, "prune": report}));
+            } else {
+                println!("forgot {} snapshot(s)", gone.len());
+                if let Some(r) = report {
+                    print_prune(&r);
+                }
+            }
+        }
+        Command::Prune { grace_seconds } => {
+            let repo = ctx.open().await?;
+            let r = ferry_mover::prune::prune(
+                repo,
+                Duration::from_secs(grace_seconds),
+                Arc::new(Progress::default()),
+            )
+            .await?;
+            if ctx.global.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print_prune(&r);
+            }
+        }
+        Command::Pod(op) => return Ok(crate::podcmd::run(&ctx, op).await),
         Command::Demo { dir } => crate::demo::run(dir).await?,
     }
     Ok(ExitCode::SUCCESS)
@@ -453,16 +539,7 @@ pub async fn backup(ctx: &Ctx, repo: Arc<Repository>, opts: BackupOptions) -> Re
             s.seconds
         );
     }
-    Ok(BackupResult {
-        version: RESULT_VERSION,
-        snapshot_id: out.id.to_hex(),
-        total_bytes: s.total_bytes,
-        read_bytes: s.read_bytes,
-        incremental_bytes: s.new_bytes,
-        stored_bytes: s.stored_bytes,
-        files: s.files,
-        dirs: s.dirs,
-    })
+    Ok(s.result(&out.id))
 }
 
 /// Restores and returns the result document.
@@ -609,6 +686,17 @@ fn print_node(json: bool, path: &Path, n: &ferry_mover::tree::Node) {
             extra
         );
     }
+}
+
+fn print_prune(r: &ferry_mover::prune::PruneReport) {
+    println!(
+        "{} snapshot(s) kept; {} pack(s) deleted ({}), {} in use, {} unreferenced pack(s) waiting for the grace period",
+        r.snapshots,
+        r.packs_deleted,
+        human(r.bytes_deleted),
+        r.packs_kept,
+        r.packs_pending
+    );
 }
 
 /// Bytes in binary units.

@@ -40,6 +40,8 @@ pub enum Kind {
     PackHeader = 6,
     /// A wrapped master key.
     MasterKey = 7,
+    /// The prune bookkeeping object `prune/state`.
+    PruneState = 8,
 }
 
 /// The repository's secret keys, derived from the master secret.

@@ -4,7 +4,8 @@
 //! [`backend`] (where bytes live), [`crypto`] (keys and envelopes), [`chunker`] (content-defined
 //! chunking), [`pack`] (blob encoding and pack files), [`index`] (blob → pack), [`tree`] (directories),
 //! [`snapshot`] (manifests), [`cache`] (local metadata cache), [`repo`] (all of it together), and the
-//! operations [`backup`], [`restore`], [`check`]. Progress goes through [`progress::Progress`].
+//! operations [`backup`], [`restore`], [`check`]. Progress goes through [`progress::Progress`]; in a mover
+//! pod, [`events`] turns it into Kubernetes Events.
 //! Every on-disk format is described in `design/0001-repository-format.md`.
 
 pub mod backend;
@@ -14,11 +15,13 @@ pub mod check;
 pub mod chunker;
 pub mod crypto;
 pub mod error;
+pub mod events;
 pub mod fsmeta;
 pub mod id;
 pub mod index;
 pub mod pack;
 pub mod progress;
+pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;

@@ -132,14 +132,23 @@ impl Repository {
             chunker: ChunkerParams::default(),
             pack_size: DEFAULT_PACK_SIZE,
         };
-        Self::add_key(backend.as_ref(), &keys, password, kdf).await?;
+        // The key file first (content-addressed, harmless if orphaned), then the config with a conditional
+        // put: of two racing inits exactly one wins, the other removes its key file and reports
+        // AlreadyInitialised, so no backup is ever written under a master key that lost the race.
+        let key_name = Self::add_key(backend.as_ref(), &keys, password, kdf).await?;
         let plain = serde_json::to_vec(&config).map_err(|e| Error::Format(e.to_string()))?;
-        backend
-            .put(
-                "config",
-                Bytes::from(pack::encode(&keys, Kind::Config, &plain, false)?),
-            )
-            .await?;
+        let ours = Bytes::from(pack::encode(&keys, Kind::Config, &plain, false)?);
+        let mut won = backend.put_if_absent("config", ours.clone()).await?;
+        if won && !backend.settle_delay().is_zero() {
+            // Not every S3 server makes the condition atomic: read back after a while, and the one whose
+            // config is there is the winner.
+            tokio::time::sleep(backend.settle_delay()).await;
+            won = backend.get("config").await? == ours;
+        }
+        if !won {
+            backend.delete(&key_name).await?;
+            return Err(Error::AlreadyInitialised(backend.location()));
+        }
         Ok(config)
     }
 
@@ -148,7 +157,7 @@ impl Repository {
         keys: &Keys,
         password: &[u8],
         kdf: KdfParams,
-    ) -> Result<()> {
+    ) -> Result<String> {
         let mut salt = [0u8; 32];
         crypto::fill_random(&mut salt)?;
         let mut kek = crypto::derive_kek(password, &salt, kdf)?;
@@ -164,12 +173,9 @@ impl Repository {
             hostname: hostname(),
         };
         let bytes = serde_json::to_vec_pretty(&kf).map_err(|e| Error::Format(e.to_string()))?;
-        backend
-            .put(
-                &format!("keys/{}", hex::encode(storage_hash(&bytes))),
-                Bytes::from(bytes),
-            )
-            .await
+        let name = format!("keys/{}", hex::encode(storage_hash(&bytes)));
+        backend.put(&name, Bytes::from(bytes)).await?;
+        Ok(name)
     }
 
     /// Opens an existing repository with `password`.
@@ -186,7 +192,15 @@ impl Repository {
                 Error::NoRepository(backend.location())
             });
         }
-        let mut keys = None;
+        // Every key file the password opens is a candidate; the one whose master key decrypts the config
+        // is the repository's (a racing, losing `init` may briefly leave a key file of its own).
+        let config_raw = match backend.get("config").await {
+            Ok(raw) => raw,
+            Err(Error::NotFound(_)) => return Err(Error::NoRepository(backend.location())),
+            Err(e) => return Err(e),
+        };
+        let mut opened_any = false;
+        let mut found = None;
         for o in &key_objs {
             let raw = backend.get(&o.key).await?;
             let kf: KeyFile = serde_json::from_slice(&raw)
@@ -205,19 +219,30 @@ impl Repository {
             let opened = crypto::open_with(&kek, Kind::MasterKey, &wrapped);
             zeroize::Zeroize::zeroize(&mut kek);
             if let Ok(mut m) = opened {
+                opened_any = true;
                 let master: [u8; 64] = m
                     .as_slice()
                     .try_into()
                     .map_err(|_| Error::Format("master key has the wrong length".into()))?;
                 zeroize::Zeroize::zeroize(&mut m);
-                keys = Some(Keys::from_master(master));
-                break;
+                let keys = Keys::from_master(master);
+                if let Ok(plain) = pack::decode(&keys, Kind::Config, &config_raw) {
+                    found = Some((keys, plain));
+                    break;
+                }
             }
         }
-        let keys = keys.ok_or(Error::WrongPassword)?;
-        let raw = backend.get("config").await?;
-        let config: Config = serde_json::from_slice(&pack::decode(&keys, Kind::Config, &raw)?)
-            .map_err(|e| Error::Format(format!("config: {e}")))?;
+        let (keys, plain) = match found {
+            Some(f) => f,
+            None if opened_any => {
+                return Err(Error::Integrity(
+                    "the config object does not decrypt with any key: it was tampered with".into(),
+                ));
+            }
+            None => return Err(Error::WrongPassword),
+        };
+        let config: Config =
+            serde_json::from_slice(&plain).map_err(|e| Error::Format(format!("config: {e}")))?;
         if config.version != REPO_VERSION {
             return Err(Error::Format(format!(
                 "repository version {} is not supported",
@@ -335,6 +360,31 @@ impl Repository {
             index.add_segment(s);
         }
         Ok(index)
+    }
+
+    /// Every index segment with its id (the name under `index/`).
+    pub async fn index_segments(&self) -> Result<Vec<(String, IndexSegment)>> {
+        let listed = self.backend.list("index/").await?;
+        stream::iter(
+            listed
+                .iter()
+                .map(|o| o.key.trim_start_matches("index/").to_string())
+                .collect::<Vec<_>>(),
+        )
+        .map(|id| async move {
+            let plain = self
+                .read_named(Kind::Index, "index", &format!("index/{id}"), &id)
+                .await?;
+            Ok::<_, Error>((id, IndexSegment::from_bytes(&plain)?))
+        })
+        .buffer_unordered(FETCH_CONCURRENCY)
+        .try_collect()
+        .await
+    }
+
+    /// Forgets the loaded index (after segments were replaced).
+    pub async fn invalidate_index(&self) {
+        *self.index.lock().await = None;
     }
 
     /// Writes an index segment.

@@ -41,6 +41,22 @@ pub struct Summary {
     pub seconds: f64,
 }
 
+impl Summary {
+    /// The result document (`ferry_proto::result`) of the backup that wrote snapshot `id`.
+    pub fn result(&self, id: &SnapshotId) -> ferry_proto::result::BackupResult {
+        ferry_proto::result::BackupResult {
+            version: ferry_proto::result::RESULT_VERSION,
+            snapshot_id: id.to_hex(),
+            total_bytes: self.total_bytes,
+            read_bytes: self.read_bytes,
+            incremental_bytes: self.new_bytes,
+            stored_bytes: self.stored_bytes,
+            files: self.files,
+            dirs: self.dirs,
+        }
+    }
+}
+
 /// One backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

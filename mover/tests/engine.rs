@@ -524,3 +524,101 @@ async fn a_backup_canceled_midway_is_resumed_by_the_next_one() {
         .unwrap();
     assert!(r.ok() && r.warnings.is_empty(), "{r:?}");
 }
+
+/// Several first backups racing to create one repository (mover pods of one namespace): exactly one
+/// `init` wins, the others see AlreadyInitialised, and everyone then opens the same repository.
+#[tokio::test]
+async fn racing_inits_agree_on_one_repository() {
+    let dir = tempdir();
+    let backend = local(dir.path());
+    let inits = (0..4).map(|_| Repository::init(backend.clone(), PASSWORD, FAST_KDF));
+    let results = futures::future::join_all(inits).await;
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, ferry_mover::Error::AlreadyInitialised(_)),
+                "{e}"
+            );
+        }
+    }
+    let repo = reopen(&backend).await;
+    assert_eq!(repo.config().id, winners[0].id);
+    assert_eq!(
+        backend.list("keys/").await.expect("list keys").len(),
+        1,
+        "losers removed their keys"
+    );
+}
+
+/// Forget + prune: data only the forgotten snapshot used goes (whole packs deleted, partly used packs
+/// rewritten), everything the remaining snapshot needs stays and restores; with a grace period nothing is
+/// deleted on the first prune.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_only_what_forgotten_snapshots_used() {
+    use ferry_mover::prune::{forget, prune};
+    use std::time::Duration;
+    let (src, repo_dir) = (tempdir(), tempdir());
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    std::fs::write(
+        src.path().join("keep.bin"),
+        ferry_mover::testdata::pseudo_random(3 << 20, 1),
+    )
+    .unwrap();
+    std::fs::write(
+        src.path().join("gone.bin"),
+        ferry_mover::testdata::pseudo_random(3 << 20, 2),
+    )
+    .unwrap();
+    let a = backup(&repo, src.path()).await;
+    std::fs::remove_file(src.path().join("gone.bin")).unwrap();
+    let b = backup(&repo, src.path()).await;
+    let size = |d: &std::path::Path| {
+        files_under(&d.join("data"))
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum::<u64>()
+    };
+    let before = size(repo_dir.path());
+
+    // With a grace period the first prune only records candidates.
+    let forgotten = forget(&repo, |id, _| *id == a.id).await.unwrap();
+    assert_eq!(forgotten, vec![a.id]);
+    let repo = reopen(&backend).await;
+    let r = prune(
+        repo.clone(),
+        Duration::from_secs(3600),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert!(r.packs_pending > 0, "{r:?}");
+    assert_eq!(size(repo_dir.path()), before);
+
+    // Grace 0: gone.bin's data is deleted, keep.bin's stays.
+    let r = prune(repo.clone(), Duration::ZERO, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert!(r.packs_deleted > 0 && r.bytes_deleted > 0, "{r:?}");
+    let after = size(repo_dir.path());
+    assert!(
+        after < before - (2 << 20),
+        "only {} of {} bytes freed",
+        before - after,
+        before
+    );
+    let repo = reopen(&backend).await;
+    let report = ferry_mover::check::check(repo.clone(), true, Default::default())
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.errors);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let out = tempdir();
+    restore_latest(&repo, out.path()).await.unwrap();
+    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    assert_eq!(repo.snapshots().await.unwrap().len(), 1);
+    assert_eq!(repo.snapshots().await.unwrap()[0].0, b.id);
+}

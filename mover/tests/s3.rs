@@ -66,6 +66,22 @@ async fn s3_backend_conformance_and_round_trip() {
     let out2 = tempdir();
     let err = restore_latest(&repo, out2.path()).await.unwrap_err();
     assert!(matches!(err, ferry_mover::Error::Integrity(_)), "{err}");
+
+    // Mover pods of one namespace racing to create its repository: one wins, all agree afterwards,
+    // even on a server whose conditional PUT is not atomic.
+    let racing: Arc<dyn Backend> = Arc::new(
+        S3Backend::new(s3.options("repos", "velero/ferry/race"))
+            .await
+            .unwrap(),
+    );
+    let inits =
+        (0..4).map(|_| ferry_mover::repo::Repository::init(racing.clone(), PASSWORD, FAST_KDF));
+    let results = futures::future::join_all(inits).await;
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let repo = reopen(&racing).await;
+    assert_eq!(repo.config().id, winners[0].id);
+    assert_eq!(racing.list("keys/").await.unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

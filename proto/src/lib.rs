@@ -2,8 +2,14 @@
 //!
 //! * [`velero`]: Velero's DataUpload / DataDownload / BackupStorageLocation resources, field for field.
 //! * [`result`]: the result document a mover writes to its termination message.
+//! * [`report`]: the progress Events a mover emits (protobuf payload).
+//! * [`pod`]: the mover-pod contract (paths, flags, exit codes).
+//! * [`labels`]: label and annotation keys.
 //!
-//! The progress event payloads (prost) and the gRPC data-path interface join this crate with the controller.
+//! The gRPC data-path interface for third-party movers joins this crate later.
 
+pub mod labels;
+pub mod pod;
+pub mod report;
 pub mod result;
 pub mod velero;

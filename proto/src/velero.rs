@@ -241,6 +241,34 @@ pub struct DataDownloadStatus {
     pub accepted_timestamp: Option<String>,
 }
 
+/// `Backup.spec` (`velero.io/v1`), the fields Ferry reads; every other field is kept in `rest`. Ferry only
+/// ever adds and removes its finalizer on Backups (a merge patch), to delete a backup's repository data
+/// before the Backup object goes away.
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "velero.io",
+    version = "v1",
+    kind = "Backup",
+    plural = "backups",
+    namespaced
+)]
+#[kube(status = "serde_json::Value", schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// The BackupStorageLocation it is stored in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_location: Option<String>,
+    /// Whether CSI snapshot data is moved by a data mover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_move_data: Option<bool>,
+    /// Which data mover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datamover: Option<String>,
+    /// All other fields, untouched.
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, serde_json::Value>,
+}
+
 /// A Secret key reference (`credential`, `caCertRef`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -517,5 +545,24 @@ mod tests {
         let s: DataUploadStatus = serde_json::from_value(json!({"phase": ""})).expect("parse");
         assert_eq!(s.phase, Phase::New);
         assert!(!Phase::InProgress.is_terminal() && Phase::Canceled.is_terminal());
+    }
+
+    /// `manifests/crds/` ships Velero's CRDs unchanged: byte-identical to the reference copies.
+    #[test]
+    fn manifests_carry_velero_crds_unchanged() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        for f in [
+            "velero.io_datauploads.yaml",
+            "velero.io_datadownloads.yaml",
+            "velero.io_backupstoragelocations.yaml",
+        ] {
+            let ours = std::fs::read(format!("{root}/manifests/crds/{f}")).expect("manifest CRD");
+            let reference =
+                std::fs::read(format!("{root}/../shared/crds/velero/{f}")).expect("reference CRD");
+            assert!(
+                ours == reference,
+                "manifests/crds/{f} differs from Velero's"
+            );
+        }
     }
 }

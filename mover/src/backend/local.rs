@@ -77,6 +77,40 @@ impl Backend for LocalBackend {
         .await
     }
 
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool> {
+        let path = self.path(key)?;
+        blocking(move || {
+            let dir = path.parent().expect("keys have a parent");
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let mut rnd = [0u8; 8];
+            crate::crypto::fill_random(&mut rnd)?;
+            let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
+            let write = || -> std::io::Result<bool> {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                // link(2) never replaces an existing name: exactly one racer wins.
+                let won = match std::fs::hard_link(&tmp, &path) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(e),
+                };
+                std::fs::remove_file(&tmp)?;
+                std::fs::File::open(dir)?.sync_all()?;
+                Ok(won)
+            };
+            write().map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Error::io(&path, e)
+            })
+        })
+        .await
+    }
+
+    fn settle_delay(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes> {
         let path = self.path(key)?;
         let key = key.to_string();

@@ -27,6 +27,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn location(&self) -> String;
     /// Stores `data` under `key` atomically (readers see all of it or nothing).
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
+    /// Stores `data` under `key` only if no object has that key; returns whether it was stored. Atomic
+    /// against concurrent writers (S3 `If-None-Match: *`, a hard link locally): exactly one of several
+    /// racing callers wins. Used for the repository `config`, the one object two writers could disagree on.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool>;
+    /// How long a writer should wait before trusting that its `put_if_absent` was not overtaken. Zero
+    /// where the condition is atomic (local files); S3-compatible servers differ (versitygw checks, then
+    /// writes), so callers read the object back after this delay.
+    fn settle_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
     /// Reads a whole object. A missing key is [`Error::NotFound`].
     async fn get(&self, key: &str) -> Result<Bytes>;
     /// Reads `len` bytes at `offset`. A short object is an error.

@@ -139,6 +139,30 @@ impl Backend for S3Backend {
         Ok(())
     }
 
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool> {
+        let len = data.len() as i64;
+        match self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .content_length(len)
+            .if_none_match("*")
+            .body(ByteStream::from(data))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.raw().status().as_u16(), 412 | 409)
+                    || e.err().code() == Some("PreconditionFailed") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(sdk_err("put", key, e)),
+        }
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes> {
         match self
             .client

@@ -1,0 +1,200 @@
+//! Controller configuration: one YAML document (a ConfigMap in the manifests), every field optional.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// One data-mover name this controller answers to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mover {
+    /// Image of the mover pod (implements the contract in `ferry_proto::pod`).
+    pub image: String,
+    /// Pull policy of that image.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+}
+
+fn default_pull_policy() -> String {
+    "IfNotPresent".into()
+}
+
+/// Controller configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// `spec.datamover` values handled, and the mover image for each. Everything else is ignored.
+    pub movers: BTreeMap<String, Mover>,
+    /// Only DU/DD in this namespace (Velero's); all namespaces when unset.
+    pub watch_namespace: Option<String>,
+    /// Mover pods per node at once.
+    pub per_node_limit: usize,
+    /// CRs being prepared (Accepted or Prepared) at once, cluster-wide; New CRs wait beyond that.
+    pub prepare_queue_length: usize,
+    /// Longest time from Accepted to a running mover pod before the CR fails.
+    pub prepare_timeout_seconds: u64,
+    /// Grace period a canceled mover gets to stop cleanly before it is killed.
+    pub cancel_grace_seconds: i64,
+    /// Secret (in the CR's namespace) holding the repository password under key `password`.
+    pub repository_password_secret: String,
+    /// Service account of mover pods.
+    pub mover_service_account: String,
+    /// Resources of the mover container.
+    pub pod_resources: Option<ResourceRequirements>,
+    /// Node selector for mover pods.
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for mover pods.
+    pub tolerations: Vec<Toleration>,
+    /// Size limit of the mover's scratch (cache) volume, a quantity.
+    pub cache_size_limit: String,
+    /// Priority class of mover pods.
+    pub priority_class_name: Option<String>,
+    /// Seconds between progress events from the mover.
+    pub report_interval_seconds: u64,
+    /// On a Velero DeleteBackupRequest, forget the backup's snapshots and prune the repositories.
+    pub prune_on_backup_deletion: bool,
+    /// Prune grace period: unreferenced data is deleted once it has been unreferenced this long, which
+    /// keeps backups running at the same time safe (`design/0003-backup-deletion.md`). 0 deletes at once.
+    pub prune_grace_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            movers: BTreeMap::from([(
+                "ferry".to_string(),
+                Mover {
+                    image: "localhost/ferry-mover:dev".into(),
+                    image_pull_policy: default_pull_policy(),
+                },
+            )]),
+            watch_namespace: None,
+            per_node_limit: 1,
+            prepare_queue_length: 16,
+            prepare_timeout_seconds: 30 * 60,
+            cancel_grace_seconds: 10,
+            repository_password_secret: "ferry-repository".into(),
+            mover_service_account: "ferry-mover".into(),
+            pod_resources: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            cache_size_limit: "2Gi".into(),
+            priority_class_name: None,
+            report_interval_seconds: 5,
+            prune_on_backup_deletion: true,
+            prune_grace_seconds: 6 * 3600,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let c: Config = serde_yaml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.movers.is_empty() {
+            return Err(Error::Config("`movers` names no data mover".into()));
+        }
+        for (name, m) in &self.movers {
+            if name.is_empty() || name == "velero" || name.starts_with("velero-") {
+                return Err(Error::Config(format!(
+                    "mover name {name:?} is reserved for Velero's built-in data mover"
+                )));
+            }
+            if m.image.is_empty() {
+                return Err(Error::Config(format!("mover {name:?} has no image")));
+            }
+        }
+        if self.per_node_limit == 0 || self.prepare_queue_length == 0 {
+            return Err(Error::Config(
+                "perNodeLimit and prepareQueueLength must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The mover for a CR's `spec.datamover`, if it is one of ours.
+    pub fn mover(&self, datamover: Option<&str>) -> Option<&Mover> {
+        self.movers.get(datamover?)
+    }
+
+    /// The prepare timeout.
+    pub fn prepare_timeout(&self) -> Duration {
+        Duration::from_secs(self.prepare_timeout_seconds)
+    }
+}
+
+/// Parses a Go duration (`10m0s`, `1h30m`, `45s`, `1.5h`, `300ms`) as Velero writes `operationTimeout`.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let num: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_end..];
+        total += num * mult;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("10m0s"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("300ms"), Some(Duration::from_millis(300)));
+        assert_eq!(
+            parse_go_duration("4h0m0s"),
+            Some(Duration::from_secs(14400))
+        );
+        assert_eq!(parse_go_duration(""), None);
+        assert_eq!(parse_go_duration("10x"), None);
+        assert_eq!(parse_go_duration("m"), None);
+    }
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let c = Config::from_yaml("perNodeLimit: 2\n").expect("valid");
+        assert_eq!(c.per_node_limit, 2);
+        assert!(c.mover(Some("ferry")).is_some());
+        assert!(c.mover(Some("velero")).is_none());
+        assert!(c.mover(None).is_none());
+        assert!(Config::from_yaml("movers: {velero: {image: x}}").is_err());
+        assert!(Config::from_yaml("perNodeLimit: 0").is_err());
+        assert!(Config::from_yaml("bogus: 1").is_err());
+    }
+}

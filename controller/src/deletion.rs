@@ -1,0 +1,176 @@
+//! Backup deletion. Velero never deletes a third-party mover's data, and the DeleteBackupRequest it
+//! processes is gone a moment after the Backup is, so Ferry holds a finalizer on every Backup that moved
+//! data with one of its movers. When such a Backup is being deleted (`velero backup delete`, TTL expiry),
+//! the controller runs a maintenance pod (`ferry pod maintain`) that forgets the backup's snapshots in every
+//! namespace repository under the backup's BSL and prunes them, then releases the Backup
+//! (`design/0003-backup-deletion.md`). Ferry writes nothing else on Backups.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::labels;
+use ferry_proto::velero::Backup;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::context::Context;
+use crate::cr::Direction;
+use crate::error::Result;
+use crate::objects;
+use crate::pod::{self, PodPlan, PodState};
+
+/// Finalizer on Backups whose data Ferry moved.
+pub const BACKUP_FINALIZER: &str = "ferry.dev/backup-data";
+
+fn pod_name(b: &Backup) -> String {
+    format!("ferry-prune-{}", b.name_any())
+}
+
+fn uses_ferry(ctx: &Context, b: &Backup) -> bool {
+    b.spec.snapshot_move_data == Some(true)
+        && ctx.config.mover(b.spec.datamover.as_deref()).is_some()
+}
+
+/// Sets the Backup's finalizers, checked against the resourceVersion read.
+async fn set_finalizers(ctx: &Context, b: &Backup, finalizers: Vec<String>) -> Result<()> {
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
+    api.patch(
+        &b.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": b.resource_version(),
+        }})),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn release(ctx: &Context, b: &Backup, outcome: &str) -> Result<Action> {
+    tracing::info!(backup = %b.name_any(), outcome, "backup deletion");
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
+    objects::delete_idempotent(&pods, &pod_name(b), None).await?;
+    let rest = b
+        .finalizers()
+        .iter()
+        .filter(|f| *f != BACKUP_FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(ctx, b, rest).await?;
+    Ok(Action::await_change())
+}
+
+/// Reconciles one Backup.
+pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
+    let ours = b.finalizers().iter().any(|f| f == BACKUP_FINALIZER);
+    if b.meta().deletion_timestamp.is_none() {
+        if !ours && ctx.config.prune_on_backup_deletion && uses_ferry(&ctx, &b) {
+            let mut f = b.finalizers().to_vec();
+            f.push(BACKUP_FINALIZER.into());
+            set_finalizers(&ctx, &b, f).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !ours {
+        return Ok(Action::await_change());
+    }
+    let ns = b.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(p) = objects::get_opt(&pods, &pod_name(&b)).await? {
+        return match pod::state(&p) {
+            PodState::Succeeded { message, .. } => {
+                release(&ctx, &b, &format!("done: {message}")).await
+            }
+            PodState::Failed { message, .. }
+            | PodState::Pending {
+                fatal: Some(message),
+                ..
+            } => {
+                // The data stays (nothing was lost); the Backup must not hang in Terminating.
+                tracing::error!(backup = %b.name_any(), %message, "pruning the deleted backup's data failed");
+                release(&ctx, &b, &format!("failed: {message}")).await
+            }
+            _ => Ok(Action::requeue(Duration::from_secs(2))),
+        };
+    }
+    // One maintenance pod at a time: two prunes of one repository could disagree on its index.
+    let busy = pods
+        .list(&ListParams::default().labels(&format!(
+            "{}=maintenance,{}={}",
+            labels::COMPONENT,
+            labels::MANAGED_BY,
+            labels::MANAGED_BY_VALUE
+        )))
+        .await?;
+    if !busy.items.is_empty() {
+        return Ok(Action::requeue(Duration::from_secs(3)));
+    }
+    let bsl = b
+        .spec
+        .storage_location
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let repo = match objects::repo_target_in(&ctx, &ns, &bsl, None).await? {
+        Ok(r) => r,
+        Err(m) => return release(&ctx, &b, &format!("failed: {m}")).await,
+    };
+    let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
+        return release(&ctx, &b, "skipped: mover no longer configured").await;
+    };
+    // Snapshots carry the Backup's name as the DataUploads' `velero.io/backup-name` label gave it (names
+    // are unique per location, and survive a sync into another cluster, unlike uids).
+    let tag = format!(
+        "{}={}",
+        labels::TAG_BACKUP_NAME,
+        labels::velero_label_value(&b.name_any())
+    );
+    let plan = PodPlan {
+        name: pod_name(&b),
+        namespace: ns.clone(),
+        labels: std::collections::BTreeMap::from([
+            (labels::OWNER_KIND.to_string(), "Backup".to_string()),
+            (
+                labels::OWNER_NAME.to_string(),
+                labels::label_value(&b.name_any()),
+            ),
+            (labels::OWNER_UID.to_string(), b.uid().unwrap_or_default()),
+            (
+                labels::MANAGED_BY.to_string(),
+                labels::MANAGED_BY_VALUE.to_string(),
+            ),
+        ]),
+        owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: Backup::api_version(&()).into_owned(),
+            kind: Backup::kind(&()).into_owned(),
+            name: b.name_any(),
+            uid: b.uid().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        },
+        direction: Direction::Backup,
+        op: "maintain".into(),
+        mover,
+        pvc: None,
+        block: false,
+        nodes: Vec::new(),
+        repo,
+        password_secret: ctx.config.repository_password_secret.clone(),
+        args: vec![
+            "--kind=Backup".into(),
+            format!("--name={}", b.name_any()),
+            format!("--namespace={ns}"),
+            format!("--uid={}", b.uid().unwrap_or_default()),
+            format!("--forget-tag={tag}"),
+            format!("--grace-seconds={}", ctx.config.prune_grace_seconds),
+        ],
+    };
+    let mut p = pod::build(&plan, &ctx.config);
+    if let Some(l) = p.metadata.labels.as_mut() {
+        l.insert(labels::COMPONENT.to_string(), "maintenance".to_string());
+    }
+    objects::create_idempotent(&pods, &p).await?;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}

@@ -1,0 +1,130 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas never reconcile at once. Every
+//! write is conflict-checked on the Lease's resourceVersion; a replica that cannot renew within the lease
+//! duration gives up leadership (and the binary exits, to be restarted as a follower).
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+use crate::context::FIELD_MANAGER;
+use crate::error::Result;
+
+/// A Lease to hold.
+#[derive(Debug, Clone)]
+pub struct Election {
+    /// Lease namespace.
+    pub namespace: String,
+    /// Lease name.
+    pub name: String,
+    /// Our identity.
+    pub holder: String,
+    /// Lease duration.
+    pub duration: Duration,
+}
+
+fn pp() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+impl Election {
+    fn expired(&self, l: &Lease) -> bool {
+        let Some(spec) = &l.spec else { return true };
+        let Some(renew) = spec.renew_time.as_ref() else {
+            return true;
+        };
+        let dur = spec.lease_duration_seconds.unwrap_or(15) as i64;
+        Timestamp::now().duration_since(renew.0).as_secs() > dur
+    }
+
+    /// One attempt to take or renew the lease; true if we hold it afterwards.
+    pub async fn try_hold(&self, client: &Client) -> Result<bool> {
+        let api: Api<Lease> = Api::namespaced(client.clone(), &self.namespace);
+        let now = MicroTime(Timestamp::now());
+        let mine = LeaseSpec {
+            holder_identity: Some(self.holder.clone()),
+            lease_duration_seconds: Some(self.duration.as_secs() as i32),
+            renew_time: Some(now.clone()),
+            acquire_time: Some(now.clone()),
+            ..Default::default()
+        };
+        match api.get_opt(&self.name).await? {
+            None => {
+                let l = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(mine),
+                };
+                match api.create(&pp(), &l).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if crate::error::is_conflict(&e) => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some(mut l) => {
+                let holder = l.spec.as_ref().and_then(|s| s.holder_identity.clone());
+                let ours = holder.as_deref() == Some(self.holder.as_str());
+                if !ours && !self.expired(&l) && holder.is_some_and(|h| !h.is_empty()) {
+                    return Ok(false);
+                }
+                let spec = l.spec.get_or_insert_with(Default::default);
+                if !ours {
+                    spec.acquire_time = Some(now.clone());
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+                spec.holder_identity = Some(self.holder.clone());
+                spec.lease_duration_seconds = Some(self.duration.as_secs() as i32);
+                spec.renew_time = Some(now);
+                match api.replace(&self.name, &pp(), &l).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if crate::error::is_conflict(&e) => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Waits until we hold the lease.
+    pub async fn acquire(&self, client: &Client) {
+        loop {
+            match self.try_hold(client).await {
+                Ok(true) => {
+                    tracing::info!(lease = %self.name, holder = %self.holder, "became leader");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "leader election"),
+            }
+            tokio::time::sleep(self.duration / 5).await;
+        }
+    }
+
+    /// Keeps renewing; returns when leadership is lost (not renewed within the lease duration).
+    pub async fn hold(&self, client: &Client) {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.duration / 3).await;
+            match self.try_hold(client).await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!("another replica took the lease");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "renewing the lease"),
+            }
+            if last_ok.elapsed() > self.duration {
+                tracing::error!("could not renew the lease in time");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Helpers for the Kubernetes objects the controller reads and creates: names, owner labels, snapshot
+//! APIs, the repository a BSL points to, and placement under the per-node limit.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferry_proto::labels;
+use ferry_proto::velero::BackupStorageLocation;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::context::{Context, FIELD_MANAGER};
+use crate::cr::MoverCr;
+use crate::error::{Result, is_conflict, is_not_found};
+use crate::pod::RepoTarget;
+
+/// Name of the pod, PVC and VolumeSnapshot made for a CR.
+pub fn child_name<K: MoverCr>(cr: &K) -> String {
+    format!("ferry-{}", cr.name_any())
+}
+
+/// Labels on everything made for a CR.
+pub fn owner_labels<K: MoverCr>(cr: &K) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::OWNER_KIND.into(), K::kind(&()).into_owned()),
+        (
+            labels::OWNER_NAME.into(),
+            labels::label_value(&cr.name_any()),
+        ),
+        (labels::OWNER_UID.into(), cr.uid().unwrap_or_default()),
+        (labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into()),
+    ])
+}
+
+/// Label selector for everything made for a CR.
+pub fn owner_selector<K: MoverCr>(cr: &K) -> String {
+    format!("{}={}", labels::OWNER_UID, cr.uid().unwrap_or_default())
+}
+
+/// Controller owner reference to the CR (namespaced children only).
+pub fn owner_ref<K: MoverCr>(cr: &K) -> OwnerReference {
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: cr.name_any(),
+        uid: cr.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(false),
+    }
+}
+
+/// `snapshot.storage.k8s.io/v1` resources.
+pub fn snapshot_resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        kind,
+    ))
+}
+
+/// VolumeSnapshots in `ns`.
+pub fn vs_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &snapshot_resource("VolumeSnapshot"))
+}
+
+/// VolumeSnapshotContents.
+pub fn vsc_api(client: &Client) -> Api<DynamicObject> {
+    Api::all_with(client.clone(), &snapshot_resource("VolumeSnapshotContent"))
+}
+
+/// Get that maps 404 to `None`.
+pub async fn get_opt<T>(api: &Api<T>, name: &str) -> Result<Option<T>>
+where
+    T: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.get_opt(name).await?)
+}
+
+/// Create that treats "already exists" as success (idempotent steps).
+pub async fn create_idempotent<T>(api: &Api<T>, obj: &T) -> Result<()>
+where
+    T: Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&pp, obj).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_conflict(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Delete that treats "not found" as success.
+pub async fn delete_idempotent<T>(api: &Api<T>, name: &str, grace: Option<u32>) -> Result<()>
+where
+    T: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let dp = DeleteParams {
+        grace_period_seconds: grace,
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..Default::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes every object matching `selector`; returns how many were still present.
+pub async fn delete_selected<T>(api: &Api<T>, selector: &str) -> Result<usize>
+where
+    T: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Resource,
+{
+    let list = api.list(&ListParams::default().labels(selector)).await?;
+    let n = list.items.len();
+    for o in list.items {
+        if o.meta().deletion_timestamp.is_none() {
+            delete_idempotent(api, &o.name_any(), None).await?;
+        }
+    }
+    Ok(n)
+}
+
+/// Why a CR cannot run, for `status.message`.
+pub type Refusal = String;
+
+/// The repository for a CR: from its BackupStorageLocation, checked along with the Secrets the pod needs.
+pub async fn repo_target<K: MoverCr>(
+    ctx: &Context,
+    cr: &K,
+) -> Result<std::result::Result<RepoTarget, Refusal>> {
+    repo_target_in(
+        ctx,
+        &cr.namespace().unwrap_or_default(),
+        cr.bsl(),
+        Some(cr.source_namespace()),
+    )
+    .await
+}
+
+/// The repository of `source_ns` under BSL `ns/bsl_name`, or with `None` the root holding every
+/// namespace's repository.
+pub async fn repo_target_in(
+    ctx: &Context,
+    ns: &str,
+    bsl_name: &str,
+    source_ns: Option<&str>,
+) -> Result<std::result::Result<RepoTarget, Refusal>> {
+    let ns = ns.to_string();
+    let bsls: Api<BackupStorageLocation> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(bsl) = get_opt(&bsls, bsl_name).await? else {
+        return Ok(Err(format!(
+            "BackupStorageLocation {ns}/{bsl_name} not found"
+        )));
+    };
+    let provider = bsl.spec.provider.trim_start_matches("velero.io/");
+    if provider != "aws" {
+        return Ok(Err(format!(
+            "BackupStorageLocation {}: provider {:?} is not supported (Ferry speaks S3: use provider aws)",
+            bsl_name, bsl.spec.provider
+        )));
+    }
+    let config = bsl.spec.config.clone().unwrap_or_default();
+    if bsl.spec.object_storage.ca_cert.is_some() || bsl.spec.object_storage.ca_cert_ref.is_some() {
+        return Ok(Err(format!(
+            "BackupStorageLocation {}: a custom caCert is not supported yet",
+            bsl_name
+        )));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let credentials = match &bsl.spec.credential {
+        Some(sel) => Some((sel.name.clone(), sel.key.clone())),
+        // Velero's default: the cloud-credentials Secret its server uses, if present.
+        None => get_opt(&secrets, "cloud-credentials")
+            .await?
+            .filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key("cloud")))
+            .map(|_| ("cloud-credentials".to_string(), "cloud".to_string())),
+    };
+    if let Some((name, key)) = &credentials {
+        match get_opt(&secrets, name).await? {
+            None => {
+                return Ok(Err(format!(
+                    "credentials Secret {ns}/{name} of BackupStorageLocation {} not found",
+                    bsl_name
+                )));
+            }
+            Some(s) if !s.data.as_ref().is_some_and(|d| d.contains_key(key)) => {
+                return Ok(Err(format!(
+                    "credentials Secret {ns}/{name} has no key {key:?}"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let pw = &ctx.config.repository_password_secret;
+    match get_opt(&secrets, pw).await? {
+        None => {
+            return Ok(Err(format!(
+                "repository password Secret {ns}/{pw} not found (create it with a key \"password\")"
+            )));
+        }
+        Some(s) if !s.data.as_ref().is_some_and(|d| d.contains_key("password")) => {
+            return Ok(Err(format!(
+                "repository password Secret {ns}/{pw} has no key \"password\""
+            )));
+        }
+        Some(_) => {}
+    }
+    let prefix = bsl
+        .spec
+        .object_storage
+        .prefix
+        .as_deref()
+        .unwrap_or("")
+        .trim_matches('/');
+    let mut url = format!("s3://{}/", bsl.spec.object_storage.bucket);
+    if !prefix.is_empty() {
+        url.push_str(prefix);
+        url.push('/');
+    }
+    // Under `plugins/`: Velero marks a BSL Unavailable when its prefix holds any top-level directory
+    // other than backups, restores, restic, kopia, metadata and plugins.
+    url.push_str("plugins/ferry");
+    if let Some(sns) = source_ns {
+        url.push('/');
+        url.push_str(sns);
+    }
+    Ok(Ok(RepoTarget {
+        url,
+        endpoint: config.get("s3Url").filter(|s| !s.is_empty()).cloned(),
+        region: config.get("region").filter(|s| !s.is_empty()).cloned(),
+        path_style: config.get("s3ForcePathStyle").map(String::as_str) == Some("true"),
+        profile: config
+            .get("profile")
+            .filter(|s| !s.is_empty() && *s != "default")
+            .cloned(),
+        credentials,
+    }))
+}
+
+/// Nodes where a new mover pod may go under the per-node limit, restricted to `allowed` when given.
+/// Pods not yet scheduled count against every node they may land on. Call under `ctx.placement`.
+pub async fn free_nodes(ctx: &Context, allowed: Option<&[String]>) -> Result<Vec<String>> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut candidates: BTreeSet<String> = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|n| {
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+            ready && !cordoned
+        })
+        .map(|n| n.name_any())
+        .collect();
+    if let Some(a) = allowed {
+        candidates.retain(|n| a.contains(n));
+    }
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let selector = format!(
+        "{}={},{}=mover",
+        labels::MANAGED_BY,
+        labels::MANAGED_BY_VALUE,
+        labels::COMPONENT
+    );
+    let mut load: BTreeMap<String, usize> = BTreeMap::new();
+    for p in pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        match p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            Some(n) => *load.entry(n).or_default() += 1,
+            None => {
+                for n in pod_nodes(&p).unwrap_or_else(|| candidates.iter().cloned().collect()) {
+                    *load.entry(n).or_default() += 1;
+                }
+            }
+        }
+    }
+    Ok(candidates
+        .into_iter()
+        .filter(|n| load.get(n).copied().unwrap_or(0) < ctx.config.per_node_limit)
+        .collect())
+}
+
+/// The hostnames a pod's required node affinity allows, if it names any.
+fn pod_nodes(p: &Pod) -> Option<Vec<String>> {
+    let terms = &p
+        .spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?
+        .node_selector_terms;
+    let mut out = Vec::new();
+    for t in terms {
+        for e in t.match_expressions.iter().flatten() {
+            if e.key == "kubernetes.io/hostname" && e.operator == "In" {
+                out.extend(e.values.iter().flatten().cloned());
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The hostnames a PV's node affinity pins it to, if any (node-local storage).
+pub fn pv_nodes(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Option<Vec<String>> {
+    let terms = &pv
+        .spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .as_ref()?
+        .node_selector_terms;
+    let mut out = Vec::new();
+    for t in terms {
+        for e in t.match_expressions.iter().flatten() {
+            if (e.key == "kubernetes.io/hostname"
+                || e.key.ends_with("/hostname")
+                || e.key.ends_with("topology.hostpath.csi/node"))
+                && e.operator == "In"
+            {
+                out.extend(e.values.iter().flatten().cloned());
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}

@@ -1,0 +1,533 @@
+//! The mover pod: how it is built (the contract in `ferry_proto::pod`) and how its status is read. The pod
+//! decides the outcome: phase, exit code and termination message, never events.
+
+use std::collections::BTreeMap;
+
+use ferry_proto::pod as contract;
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SecretVolumeSource,
+    SecurityContext, TopologySpreadConstraint, Volume, VolumeDevice, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+
+use crate::config::{Config, Mover};
+use crate::cr::Direction;
+
+/// Where the repository is and how to reach it, from a BackupStorageLocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoTarget {
+    /// `s3://bucket/prefix/plugins/ferry/<source-namespace>`.
+    pub url: String,
+    /// Custom endpoint (`s3Url`).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Path-style addressing.
+    pub path_style: bool,
+    /// AWS profile in the credentials file.
+    pub profile: Option<String>,
+    /// Credentials Secret name and key (AWS shared-credentials format).
+    pub credentials: Option<(String, String)>,
+}
+
+/// Everything that goes into one mover pod.
+#[derive(Debug, Clone)]
+pub struct PodPlan {
+    /// Pod name.
+    pub name: String,
+    /// Namespace (the CR's).
+    pub namespace: String,
+    /// Labels (owner labels included).
+    pub labels: BTreeMap<String, String>,
+    /// Owner reference to the CR.
+    pub owner: OwnerReference,
+    /// Backup or restore (maintenance pods: backup, which only matters for read-only mounts).
+    pub direction: Direction,
+    /// The `pod` operation: `backup`, `restore` or `maintain`.
+    pub op: String,
+    /// Mover image.
+    pub mover: Mover,
+    /// PVC to mount (none for maintenance).
+    pub pvc: Option<String>,
+    /// Block volume.
+    pub block: bool,
+    /// Nodes the pod may run on (empty = anywhere).
+    pub nodes: Vec<String>,
+    /// Repository.
+    pub repo: RepoTarget,
+    /// Password Secret name (key `password`).
+    pub password_secret: String,
+    /// Mover arguments after `pod backup|restore`.
+    pub args: Vec<String>,
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Builds the pod.
+pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
+    let mut args = vec!["pod".to_string(), plan.op.clone()];
+    args.extend(plan.args.iter().cloned());
+    args.push(format!("--report-interval={}", cfg.report_interval_seconds));
+    let mut env = vec![
+        env("FERRY_REPO", &plan.repo.url),
+        env("FERRY_PASSWORD_FILE", contract::PASSWORD_FILE),
+        env("FERRY_CACHE_DIR", contract::CACHE_PATH),
+        env("FERRY_LOG", "info"),
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_NAME", "metadata.name"),
+    ];
+    if let Some(e) = &plan.repo.endpoint {
+        env.push(self::env("FERRY_S3_ENDPOINT", e));
+    }
+    if let Some(r) = &plan.repo.region {
+        env.push(self::env("FERRY_S3_REGION", r));
+    }
+    if plan.repo.path_style {
+        env.push(self::env("FERRY_S3_PATH_STYLE", "true"));
+    }
+    if let Some(p) = &plan.repo.profile {
+        env.push(self::env("FERRY_S3_PROFILE", p));
+    }
+    let mut volumes: Vec<Volume> = plan
+        .pvc
+        .iter()
+        .map(|pvc| Volume {
+            name: "volume".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.clone(),
+                read_only: Some(plan.direction == Direction::Backup),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    volumes.extend([
+        Volume {
+            name: "password".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(plan.password_secret.clone()),
+                items: Some(vec![KeyToPath {
+                    key: "password".into(),
+                    path: "password".into(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o400),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(cfg.cache_size_limit.clone())),
+                medium: None,
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ]);
+    let mut mounts = vec![
+        VolumeMount {
+            name: "password".into(),
+            mount_path: "/ferry/secrets/password".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "cache".into(),
+            mount_path: contract::CACHE_PATH.into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ];
+    let mut devices = Vec::new();
+    if plan.pvc.is_some() && plan.block {
+        devices.push(VolumeDevice {
+            name: "volume".into(),
+            device_path: contract::DEVICE_PATH.into(),
+        });
+    } else if plan.pvc.is_some() {
+        mounts.push(VolumeMount {
+            name: "volume".into(),
+            mount_path: contract::VOLUME_PATH.into(),
+            read_only: Some(plan.direction == Direction::Backup),
+            ..Default::default()
+        });
+    }
+    if let Some((secret, key)) = &plan.repo.credentials {
+        volumes.push(Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                items: Some(vec![KeyToPath {
+                    key: key.clone(),
+                    path: "cloud".into(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o400),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "credentials".into(),
+            mount_path: contract::CREDENTIALS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        env.push(self::env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            contract::CREDENTIALS_FILE,
+        ));
+        env.push(self::env("AWS_CONFIG_FILE", "/dev/null"));
+        env.push(self::env("AWS_EC2_METADATA_DISABLED", "true"));
+    }
+    let affinity = (!plan.nodes.is_empty()).then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: "kubernetes.io/hostname".into(),
+                        operator: "In".into(),
+                        values: Some(plan.nodes.clone()),
+                    }]),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let component = BTreeMap::from([(
+        ferry_proto::labels::COMPONENT.to_string(),
+        "mover".to_string(),
+    )]);
+    let mut labels = plan.labels.clone();
+    labels.extend(component.clone());
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(plan.name.clone()),
+            namespace: Some(plan.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![plan.owner.clone()]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            service_account_name: Some(cfg.mover_service_account.clone()),
+            termination_grace_period_seconds: Some(cfg.cancel_grace_seconds),
+            node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
+            tolerations: (!cfg.tolerations.is_empty()).then(|| cfg.tolerations.clone()),
+            priority_class_name: cfg.priority_class_name.clone(),
+            affinity,
+            topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: "kubernetes.io/hostname".into(),
+                when_unsatisfiable: "ScheduleAnyway".into(),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(component),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            security_context: Some(PodSecurityContext {
+                // Root without privilege: reading every file of a volume (backup) and restoring owners,
+                // modes and device nodes (restore) need these capabilities and nothing more.
+                run_as_user: Some(0),
+                run_as_group: Some(0),
+                ..Default::default()
+            }),
+            containers: vec![Container {
+                name: "mover".into(),
+                image: Some(plan.mover.image.clone()),
+                image_pull_policy: Some(plan.mover.image_pull_policy.clone()),
+                args: Some(args),
+                env: Some(env),
+                volume_mounts: Some(mounts),
+                volume_devices: (!devices.is_empty()).then_some(devices),
+                resources: cfg.pod_resources.clone(),
+                termination_message_policy: Some("File".into()),
+                security_context: Some(SecurityContext {
+                    privileged: Some(false),
+                    allow_privilege_escalation: Some(false),
+                    read_only_root_filesystem: Some(true),
+                    capabilities: Some(Capabilities {
+                        drop: Some(vec!["ALL".into()]),
+                        add: Some(
+                            [
+                                "CHOWN",
+                                "DAC_OVERRIDE",
+                                "DAC_READ_SEARCH",
+                                "FOWNER",
+                                "FSETID",
+                                "MKNOD",
+                                "SETFCAP",
+                            ]
+                            .map(String::from)
+                            .to_vec(),
+                        ),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// What a mover pod's status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodState {
+    /// Not running yet; `waiting` says why, if known.
+    Pending {
+        /// Scheduler or kubelet reason.
+        waiting: Option<String>,
+        /// A reason that will not fix itself (image missing, bad config).
+        fatal: Option<String>,
+    },
+    /// Running on `node`.
+    Running {
+        /// The node.
+        node: String,
+    },
+    /// Exited 0; the termination message (the result JSON).
+    Succeeded {
+        /// Node it ran on.
+        node: String,
+        /// Termination message.
+        message: String,
+    },
+    /// Ended unsuccessfully.
+    Failed {
+        /// What happened, for `status.message`.
+        message: String,
+        /// It exited with the cancel code.
+        canceled: bool,
+    },
+}
+
+const FATAL_WAITING: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Reads a pod's status.
+pub fn state(pod: &Pod) -> PodState {
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let Some(status) = pod.status.as_ref() else {
+        return PodState::Pending {
+            waiting: None,
+            fatal: None,
+        };
+    };
+    let container = status
+        .container_statuses
+        .as_ref()
+        .and_then(|c| c.iter().find(|c| c.name == "mover"));
+    let terminated = container.and_then(|c| {
+        c.state
+            .as_ref()
+            .and_then(|s| s.terminated.clone())
+            .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.clone()))
+    });
+    match status.phase.as_deref() {
+        Some("Succeeded") => PodState::Succeeded {
+            node,
+            message: terminated
+                .and_then(|t| t.message)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        },
+        Some("Failed") => {
+            if status.reason.as_deref() == Some("Evicted") {
+                return PodState::Failed {
+                    message: format!(
+                        "mover pod was evicted from {node}: {}",
+                        status.message.clone().unwrap_or_default()
+                    ),
+                    canceled: false,
+                };
+            }
+            match terminated {
+                Some(t) if t.exit_code == contract::EXIT_CANCELED => PodState::Failed {
+                    message: "data path canceled".into(),
+                    canceled: true,
+                },
+                Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Failed {
+                    message: format!(
+                        "mover pod was OOMKilled (exit code {}): raise podResources.limits.memory",
+                        t.exit_code
+                    ),
+                    canceled: false,
+                },
+                Some(t) => PodState::Failed {
+                    message: match t.message.as_deref().map(str::trim) {
+                        Some(m) if !m.is_empty() => m.to_string(),
+                        _ => format!(
+                            "mover exited with code {} ({})",
+                            t.exit_code,
+                            t.reason.unwrap_or_else(|| "no reason".into())
+                        ),
+                    },
+                    canceled: false,
+                },
+                None => PodState::Failed {
+                    message: format!(
+                        "mover pod failed: {} {}",
+                        status.reason.clone().unwrap_or_default(),
+                        status.message.clone().unwrap_or_default()
+                    )
+                    .trim()
+                    .to_string(),
+                    canceled: false,
+                },
+            }
+        }
+        Some("Running") => PodState::Running { node },
+        _ => {
+            let waiting = container.and_then(|c| c.state.as_ref()?.waiting.clone());
+            let fatal = waiting.as_ref().and_then(|w| {
+                let reason = w.reason.as_deref()?;
+                FATAL_WAITING.contains(&reason).then(|| {
+                    format!(
+                        "mover pod cannot start: {reason}: {}",
+                        w.message.clone().unwrap_or_default()
+                    )
+                })
+            });
+            let unschedulable = status.conditions.as_ref().and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                    .map(|c| {
+                        format!(
+                            "unschedulable: {}",
+                            c.message
+                                .clone()
+                                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+                        )
+                    })
+            });
+            PodState::Pending {
+                waiting: unschedulable.or_else(|| {
+                    waiting.map(|w| {
+                        format!(
+                            "{} {}",
+                            w.reason.unwrap_or_default(),
+                            w.message.unwrap_or_default()
+                        )
+                        .trim()
+                        .to_string()
+                    })
+                }),
+                fatal,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "mover"}]},
+            "status": status,
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn reads_outcomes() {
+        assert_eq!(
+            state(&pod(
+                json!({"phase": "Succeeded", "containerStatuses": [{"name": "mover", "image": "i",
+                "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "message": "{\"a\":1}\n"}}}]})
+            )),
+            PodState::Succeeded {
+                node: "n1".into(),
+                message: "{\"a\":1}".into()
+            }
+        );
+        let oom = state(&pod(
+            json!({"phase": "Failed", "containerStatuses": [{"name": "mover", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}),
+        ));
+        assert!(
+            matches!(oom, PodState::Failed { ref message, canceled: false } if message.contains("OOMKilled"))
+        );
+        let cancel = state(&pod(
+            json!({"phase": "Failed", "containerStatuses": [{"name": "mover", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 2, "message": "data path canceled"}}}]}),
+        ));
+        assert!(matches!(cancel, PodState::Failed { canceled: true, .. }));
+        let evicted = state(&pod(
+            json!({"phase": "Failed", "reason": "Evicted", "message": "low disk"}),
+        ));
+        assert!(
+            matches!(evicted, PodState::Failed { ref message, .. } if message.contains("evicted") && message.contains("low disk"))
+        );
+        let pull = state(&pod(
+            json!({"phase": "Pending", "containerStatuses": [{"name": "mover", "image": "i",
+            "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}}}]}),
+        ));
+        assert!(
+            matches!(pull, PodState::Pending { fatal: Some(ref f), .. } if f.contains("ErrImageNeverPull"))
+        );
+        let unsched = state(&pod(
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable", "message": "0/1 nodes are available"}]}),
+        ));
+        assert!(
+            matches!(unsched, PodState::Pending { waiting: Some(ref w), fatal: None } if w.contains("0/1 nodes"))
+        );
+    }
+}

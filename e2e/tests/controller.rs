@@ -1,0 +1,486 @@
+//! Ferry's controller on the real local cluster: DataUploads and DataDownloads shaped exactly as Velero
+//! creates them, driven to their terminal phases with real CSI snapshots, mover pods and S3.
+//! Deploys Ferry with `scripts/deploy` (once per run). Fails, never skips, when the cluster is not up.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use ferry_e2e::ferry::{
+    BSL, VELERO_NS, assert_cleaned_up, cr_field, data_download, data_upload, deploy, wait_phase,
+    wait_terminal,
+};
+use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
+
+fn setup() -> Cluster {
+    let c = Cluster::connect().unwrap_or_else(|e| panic!("{e:#}"));
+    deploy(&c).unwrap_or_else(|e| panic!("{e:#}"));
+    c
+}
+
+const LOGS: &[&str] = &[
+    "kubelet",
+    "csi-hostpath",
+    "csi-provisioner",
+    "csi-snapshotter",
+    "snapshot-controller",
+];
+
+fn logs() -> Vec<&'static str> {
+    let mut v = LOGS.to_vec();
+    v.extend(DEFAULT_LOGS.iter().filter(|c| !LOGS.contains(c)));
+    v
+}
+
+/// A plain HTTP/1.0 GET (the controller's metrics endpoint).
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn pvc(name: &str, size: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n  storageClassName: csi-hostpath-sc\n  \
+         accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: {size}\n"
+    )
+}
+
+fn snapshot(name: &str, pvc: &str) -> String {
+    format!(
+        "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\nmetadata:\n  name: {name}\nspec:\n  \
+         volumeSnapshotClassName: csi-hostpath-snapclass\n  source:\n    persistentVolumeClaimName: {pvc}\n"
+    )
+}
+
+/// Content and metadata of every entry under /data (the root itself excluded), one line each.
+const MANIFEST: &str = "cd /data && find . -mindepth 1 ! -name lost+found | sort | while read f; do \
+    if [ -L \"$f\" ]; then echo \"$f link $(readlink \"$f\")\"; \
+    elif [ -f \"$f\" ]; then echo \"$f $(stat -c '%a %u %g %s %Y' \"$f\") $(md5sum < \"$f\" | cut -c1-32)\"; \
+    else echo \"$f $(stat -c '%F %a %u %g %Y' \"$f\")\"; fi; done";
+
+/// Writes a tree with data and metadata worth checking; `mb` MiB of random data in one big file.
+fn writer_script(mb: usize) -> String {
+    format!(
+        "set -e; cd /data; mkdir -p dir/sub empty; echo 'hello from ferry' > hello.txt; seq 1 50000 > dir/numbers.txt; \
+         dd if=/dev/urandom of=dir/sub/random.bin bs=1M count={mb} 2>/dev/null; ln -s ../hello.txt dir/link; \
+         ln hello.txt hard.txt; : > empty.txt; chmod 0640 dir/numbers.txt; chown 1234:5678 dir/numbers.txt; \
+         touch -d '2020-01-02 03:04:05' hello.txt dir; sync; {MANIFEST}"
+    )
+}
+
+/// Prepares a namespace with a PVC holding known data and a ready VolumeSnapshot of it; returns the
+/// data manifest.
+fn volume_with_snapshot(t: &TestNs, image: &str, mb: usize, snap: &str) -> Result<String> {
+    t.apply(&pvc("data", "2Gi"))?;
+    t.apply(&script_pod(
+        "writer",
+        image,
+        &writer_script(mb),
+        Some("data"),
+        &[],
+    ))?;
+    t.wait_pod_succeeded("writer", Duration::from_secs(180))?;
+    let manifest = t.logs("writer");
+    ensure!(
+        manifest.contains("hello.txt"),
+        "writer printed no manifest: {manifest}"
+    );
+    t.apply(&snapshot(snap, "data"))?;
+    t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
+        Ok(t.jsonpath(&format!("volumesnapshot/{snap}"), "{.status.readyToUse}") == "true")
+    })?;
+    Ok(manifest)
+}
+
+fn events_of(c: &Cluster, kind: &str, name: &str) -> String {
+    let uid = cr_field(c, kind, name, "{.metadata.uid}");
+    c.kubectl_output(&[
+        "-n",
+        VELERO_NS,
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.uid={uid}"),
+        "-o",
+        "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+    ])
+    .unwrap_or_default()
+}
+
+fn delete_cr(c: &Cluster, kind: &str, name: &str) {
+    let _ = c.kubectl_output(&[
+        "-n",
+        VELERO_NS,
+        "delete",
+        kind,
+        name,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+}
+
+/// Backup via a hand-written DU → Completed with progress in events; restore via a DD into a new PVC
+/// (bound the way Velero expects) → identical data and metadata; a second backup after a small change →
+/// small incrementalBytes; the DU New→InProgress latency is printed.
+#[test]
+fn backup_restore_and_incremental() {
+    let c = setup();
+    let image = c.var("FERRY_TEST_IMAGE").to_string();
+    let t = TestNs::new(&c, "e2e-br").expect("namespace");
+    t.run(&logs(), |t| -> Result<()> {
+        let manifest = volume_with_snapshot(t, &image, 768, "snap1")?;
+        let du = format!("{}-b1", t.ns);
+        let created = Instant::now();
+        c.apply(&data_upload(&du, &t.ns, "data", "snap1", "ferry", BSL))?;
+        let (p, latency) = wait_phase(&c, "dataupload", &du, "InProgress", Duration::from_secs(120))?;
+        eprintln!("DU New -> {p}: {:.2}s", latency.as_secs_f64());
+        // status.progress while running: seen, and never going backwards.
+        let mut seen = Vec::new();
+        while cr_field(&c, "dataupload", &du, "{.status.phase}") == "InProgress" {
+            let done: u64 = cr_field(&c, "dataupload", &du, "{.status.progress.bytesDone}").parse().unwrap_or(0);
+            if seen.last() != Some(&done) {
+                seen.push(done);
+            }
+            ensure!(created.elapsed() < Duration::from_secs(300), "DU InProgress for 300s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("bytesDone seen while InProgress: {seen:?}");
+        ensure!(seen.windows(2).all(|w| w[0] <= w[1]), "progress went backwards: {seen:?}");
+        ensure!(seen.iter().any(|d| *d > 0), "no progress seen while InProgress: {seen:?}");
+        let (phase, msg, took) = wait_terminal(&c, "dataupload", &du, Duration::from_secs(300))?;
+        ensure!(phase == "Completed", "DU ended {phase}: {msg}");
+        eprintln!("DU completed in {:.1}s after creation", created.elapsed().as_secs_f64().max(took.as_secs_f64()));
+        let sid = cr_field(&c, "dataupload", &du, "{.status.snapshotID}");
+        let total: u64 = cr_field(&c, "dataupload", &du, "{.status.progress.totalBytes}").parse().unwrap_or(0);
+        let done: u64 = cr_field(&c, "dataupload", &du, "{.status.progress.bytesDone}").parse().unwrap_or(0);
+        ensure!(!sid.is_empty(), "no snapshotID");
+        ensure!(total > 768 << 20 && done == total, "progress {done}/{total}");
+        ensure!(cr_field(&c, "dataupload", &du, "{.status.nodeOS}") == "linux", "nodeOS");
+        ensure!(!cr_field(&c, "dataupload", &du, "{.status.node}").is_empty(), "node");
+        ensure!(!cr_field(&c, "dataupload", &du, "{.status.startTimestamp}").is_empty(), "startTimestamp");
+        ensure!(!cr_field(&c, "dataupload", &du, "{.status.completionTimestamp}").is_empty(), "completionTimestamp");
+        let ev = events_of(&c, "dataupload", &du);
+        eprintln!("events:\n{ev}");
+        ensure!(
+            ev.contains("FerryStarted") && ev.contains("FerryProgress") && ev.contains("FerryCompleted"),
+            "events missing: {ev}"
+        );
+        let described = c.kubectl_output(&["-n", VELERO_NS, "describe", "dataupload", &du])?;
+        ensure!(described.contains("FerryProgress"), "kubectl describe shows no progress:\n{described}");
+        assert_cleaned_up(&c, "dataupload", &du)?;
+        ensure!(t.jsonpath("volumesnapshot/snap1", "{.metadata.name}").is_empty(), "source VolumeSnapshot not released");
+
+        // Restore into a PVC shaped as Velero restores it: Pending, with a selector only our PV matches.
+        let r = TestNs::new(&c, "e2e-rs")?;
+        let restored = (|| -> Result<()> {
+            r.apply(&format!(
+                "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  storageClassName: csi-hostpath-sc\n  \
+                 accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 2Gi\n  selector:\n    matchLabels:\n      \
+                 velero.io/dynamic-pv-restore: {}.data.abcde\n", r.ns
+            ))?;
+            let dd = format!("{}-r1", r.ns);
+            c.apply(&data_download(&dd, &r.ns, "data", &t.ns, &sid))?;
+            let (phase, msg, took) = wait_terminal(&c, "datadownload", &dd, Duration::from_secs(300))?;
+            ensure!(phase == "Completed", "DD ended {phase}: {msg}");
+            eprintln!("DD completed in {:.1}s", took.as_secs_f64());
+            ensure!(r.jsonpath("pvc/data", "{.status.phase}") == "Bound", "target PVC not bound");
+            let pv = r.jsonpath("pvc/data", "{.spec.volumeName}");
+            let pv_label = c.jsonpath("", &format!("pv/{pv}"), "{.metadata.labels.velero\\.io/dynamic-pv-restore}");
+            ensure!(pv_label == format!("{}.data.abcde", r.ns), "PV lacks the selector label: {pv_label:?}");
+            ensure!(
+                c.jsonpath("", &format!("pv/{pv}"), "{.spec.persistentVolumeReclaimPolicy}") == "Delete",
+                "reclaim policy not restored"
+            );
+            assert_cleaned_up(&c, "datadownload", &dd)?;
+            r.apply(&script_pod("reader", &image, MANIFEST, Some("data"), &[]))?;
+            r.wait_pod_succeeded("reader", Duration::from_secs(120))?;
+            let got = r.logs("reader");
+            ensure!(got == manifest, "restored tree differs:\n--- backup\n{manifest}\n--- restore\n{got}");
+            delete_cr(&c, "datadownload", &dd);
+            Ok(())
+        })();
+        if let Err(e) = restored {
+            eprintln!("{}", r.diagnostics(&[]));
+            return Err(e);
+        }
+        let _ = c.kubectl_output(&["delete", "namespace", &r.ns, "--wait=false"]);
+
+        // Incremental: change one small file, back up again.
+        t.apply(&script_pod("mutator", &image, "echo changed >> /data/dir/numbers.txt", Some("data"), &[]))?;
+        t.wait_pod_succeeded("mutator", Duration::from_secs(120))?;
+        t.apply(&snapshot("snap2", "data"))?;
+        t.wait("VolumeSnapshot 2 ready", Duration::from_secs(120), || {
+            Ok(t.jsonpath("volumesnapshot/snap2", "{.status.readyToUse}") == "true")
+        })?;
+        let du2 = format!("{}-b2", t.ns);
+        c.apply(&data_upload(&du2, &t.ns, "data", "snap2", "ferry", BSL))?;
+        let (phase, msg, _) = wait_terminal(&c, "dataupload", &du2, Duration::from_secs(300))?;
+        ensure!(phase == "Completed", "second DU ended {phase}: {msg}");
+        let inc: u64 = cr_field(&c, "dataupload", &du2, "{.status.incrementalBytes}").parse().unwrap_or(u64::MAX);
+        let total2: u64 = cr_field(&c, "dataupload", &du2, "{.status.progress.totalBytes}").parse().unwrap_or(0);
+        eprintln!("second backup: {inc} incremental of {total2} bytes");
+        ensure!(inc < total2 / 20, "incremental bytes {inc} not small against {total2}");
+        assert_cleaned_up(&c, "dataupload", &du2)?;
+        delete_cr(&c, "dataupload", &du);
+        delete_cr(&c, "dataupload", &du2);
+        Ok(())
+    });
+}
+
+/// A DU whose snapshot does not exist and one whose BSL does not exist fail with clear messages; one for
+/// another vendor's mover is never touched.
+#[test]
+fn bad_and_foreign_data_uploads() {
+    let c = setup();
+    let t = TestNs::new(&c, "e2e-bad").expect("namespace");
+    t.run(&logs(), |t| -> Result<()> {
+        let nosnap = format!("{}-nosnap", t.ns);
+        let nobsl = format!("{}-nobsl", t.ns);
+        let foreign = format!("{}-foreign", t.ns);
+        c.apply(&data_upload(
+            &nosnap,
+            &t.ns,
+            "data",
+            "missing-snapshot",
+            "ferry",
+            BSL,
+        ))?;
+        c.apply(&data_upload(
+            &foreign,
+            &t.ns,
+            "data",
+            "missing-snapshot",
+            "acme-mover",
+            BSL,
+        ))?;
+        // A real, ready snapshot but a BSL that does not exist.
+        let image = c.var("FERRY_TEST_IMAGE").to_string();
+        volume_with_snapshot(t, &image, 1, "snap")?;
+        c.apply(&data_upload(
+            &nobsl,
+            &t.ns,
+            "data",
+            "snap",
+            "ferry",
+            "no-such-bsl",
+        ))?;
+        let (phase, msg, _) = wait_terminal(&c, "dataupload", &nosnap, Duration::from_secs(60))?;
+        ensure!(
+            phase == "Failed" && msg.contains("missing-snapshot") && msg.contains("not found"),
+            "{phase}: {msg}"
+        );
+        let (phase, msg, _) = wait_terminal(&c, "dataupload", &nobsl, Duration::from_secs(120))?;
+        ensure!(
+            phase == "Failed" && msg.contains("no-such-bsl") && msg.contains("not found"),
+            "{phase}: {msg}"
+        );
+        assert_cleaned_up(&c, "dataupload", &nosnap)?;
+        assert_cleaned_up(&c, "dataupload", &nobsl)?;
+        ensure!(
+            t.jsonpath("volumesnapshot/snap", "{.metadata.name}")
+                .is_empty(),
+            "handed-over snapshot not released"
+        );
+        let status = cr_field(&c, "dataupload", &foreign, "{.status}");
+        let fin = cr_field(&c, "dataupload", &foreign, "{.metadata.finalizers}");
+        ensure!(
+            status.is_empty() && fin.is_empty(),
+            "foreign DU touched: status {status:?} finalizers {fin:?}"
+        );
+        for n in [&nosnap, &nobsl, &foreign] {
+            delete_cr(&c, "dataupload", n);
+        }
+        Ok(())
+    });
+}
+
+/// Cancel while InProgress → Canceled within 30 s; a deleted mover pod → Failed with a clear message;
+/// nothing left behind either way.
+#[test]
+fn cancel_and_deleted_pod() {
+    let c = setup();
+    let image = c.var("FERRY_TEST_IMAGE").to_string();
+    let t = TestNs::new(&c, "e2e-cancel").expect("namespace");
+    t.run(&logs(), |t| -> Result<()> {
+        volume_with_snapshot(t, &image, 768, "snap1")?;
+        t.apply(&snapshot("snap2", "data"))?;
+        t.wait("VolumeSnapshot 2 ready", Duration::from_secs(120), || {
+            Ok(t.jsonpath("volumesnapshot/snap2", "{.status.readyToUse}") == "true")
+        })?;
+        let du = format!("{}-c1", t.ns);
+        c.apply(&data_upload(&du, &t.ns, "data", "snap1", "ferry", BSL))?;
+        let (p, _) = wait_phase(
+            &c,
+            "dataupload",
+            &du,
+            "InProgress",
+            Duration::from_secs(300),
+        )?;
+        ensure!(p == "InProgress", "DU went {p} before it could be canceled");
+        std::thread::sleep(Duration::from_secs(2));
+        let asked = Instant::now();
+        c.kubectl_output(&[
+            "-n",
+            VELERO_NS,
+            "patch",
+            "dataupload",
+            &du,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"cancel":true}}"#,
+        ])?;
+        let (phase, msg, _) = wait_terminal(&c, "dataupload", &du, Duration::from_secs(60))?;
+        let took = asked.elapsed();
+        eprintln!("cancel took {:.1}s", took.as_secs_f64());
+        ensure!(phase == "Canceled", "canceled DU ended {phase}: {msg}");
+        ensure!(took < Duration::from_secs(30), "cancel took {took:?}");
+        assert_cleaned_up(&c, "dataupload", &du)?;
+
+        let du2 = format!("{}-c2", t.ns);
+        c.apply(&data_upload(&du2, &t.ns, "data", "snap2", "ferry", BSL))?;
+        let (p, _) = wait_phase(
+            &c,
+            "dataupload",
+            &du2,
+            "InProgress",
+            Duration::from_secs(300),
+        )?;
+        ensure!(p == "InProgress", "DU went {p}");
+        std::thread::sleep(Duration::from_secs(2));
+        c.kubectl_output(&[
+            "-n",
+            VELERO_NS,
+            "delete",
+            "pod",
+            &format!("ferry-{du2}"),
+            "--wait=false",
+        ])?;
+        let (phase, msg, _) = wait_terminal(&c, "dataupload", &du2, Duration::from_secs(60))?;
+        ensure!(
+            phase == "Failed" && msg.contains("deleted"),
+            "DU with deleted pod ended {phase}: {msg}"
+        );
+        assert_cleaned_up(&c, "dataupload", &du2)?;
+        delete_cr(&c, "dataupload", &du);
+        delete_cr(&c, "dataupload", &du2);
+        Ok(())
+    });
+}
+
+/// Three DUs at once: at most one mover pod runs at a time (perNodeLimit 1), all complete; the controller
+/// is killed mid-flight and every DU still reaches Completed with nothing left behind.
+#[test]
+fn concurrent_limit_and_controller_restart() {
+    let c = setup();
+    let image = c.var("FERRY_TEST_IMAGE").to_string();
+    let t = TestNs::new(&c, "e2e-many").expect("namespace");
+    t.run(&logs(), |t| -> Result<()> {
+        volume_with_snapshot(t, &image, 32, "s0")?;
+        for i in 1..3 {
+            t.apply(&snapshot(&format!("s{i}"), "data"))?;
+        }
+        t.wait("snapshots ready", Duration::from_secs(120), || {
+            Ok((1..3).all(|i| {
+                t.jsonpath(&format!("volumesnapshot/s{i}"), "{.status.readyToUse}") == "true"
+            }))
+        })?;
+        let names: Vec<String> = (0..3).map(|i| format!("{}-m{i}", t.ns)).collect();
+        for (i, n) in names.iter().enumerate() {
+            c.apply(&data_upload(
+                n,
+                &t.ns,
+                "data",
+                &format!("s{i}"),
+                "ferry",
+                BSL,
+            ))?;
+        }
+        let start = Instant::now();
+        let mut max_running = 0;
+        let mut killed = false;
+        loop {
+            let running = c
+                .kubectl_output(&[
+                    "get",
+                    "pods",
+                    "-A",
+                    "-l",
+                    "app.kubernetes.io/component=mover",
+                    "--field-selector=status.phase=Running",
+                    "-o",
+                    "name",
+                ])?
+                .lines()
+                .count();
+            max_running = max_running.max(running);
+            let phases: Vec<String> = names
+                .iter()
+                .map(|n| cr_field(&c, "dataupload", n, "{.status.phase}"))
+                .collect();
+            if !killed && phases.iter().any(|p| p == "InProgress") {
+                c.kubectl_output(&[
+                    "-n",
+                    "ferry-system",
+                    "delete",
+                    "pods",
+                    "-l",
+                    "app.kubernetes.io/name=ferry-controller",
+                    "--grace-period=0",
+                    "--force",
+                ])?;
+                killed = true;
+                eprintln!(
+                    "[{:>5.1}s] killed the controller pods ({phases:?})",
+                    start.elapsed().as_secs_f32()
+                );
+            }
+            if phases
+                .iter()
+                .all(|p| matches!(p.as_str(), "Completed" | "Failed" | "Canceled"))
+            {
+                for n in &names {
+                    let (phase, msg, _) =
+                        wait_terminal(&c, "dataupload", n, Duration::from_secs(1))?;
+                    ensure!(phase == "Completed", "{n} ended {phase}: {msg}");
+                }
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(600),
+                "DUs not done after 600s: {phases:?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        ensure!(killed, "the controller was never killed mid-flight");
+        ensure!(
+            max_running <= 1,
+            "{max_running} mover pods ran at once with perNodeLimit 1"
+        );
+        // The metrics endpoint of a controller replica counts them.
+        let ip = c.kubectl_output(&[
+            "-n",
+            "ferry-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=ferry-controller",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])?;
+        let metrics = http_get(&format!("{}:8080", ip.trim()), "/metrics")?;
+        ensure!(
+            metrics.contains("ferry_crs{kind=\"DataUpload\",phase=\"Completed\"}")
+                && metrics.contains("ferry_active_mover_pods"),
+            "metrics lack the CR gauges:\n{metrics}"
+        );
+        for n in &names {
+            assert_cleaned_up(&c, "dataupload", n)?;
+            delete_cr(&c, "dataupload", n);
+        }
+        Ok(())
+    });
+}

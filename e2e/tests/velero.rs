@@ -1,0 +1,299 @@
+//! Unmodified Velero (v1.17.2, built from the Go module proxy by `e2e/velero/build`) drives Ferry on the
+//! local cluster: `velero backup create --snapshot-move-data --data-mover ferry`, restore after the
+//! namespace is gone, an incremental second backup. Velero runs as a host process (`e2e/velero/up`).
+//! Fails, never skips, when the cluster is not up.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use ferry_e2e::ferry::{VELERO_NS, deploy};
+use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
+
+fn setup() -> Cluster {
+    let c = Cluster::connect().unwrap_or_else(|e| panic!("{e:#}"));
+    deploy(&c).unwrap_or_else(|e| panic!("{e:#}"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("velero/up");
+    let out = Command::new(&script)
+        .output()
+        .expect("running e2e/velero/up");
+    assert!(
+        out.status.success(),
+        "e2e/velero/up failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c
+}
+
+fn velero(c: &Cluster, args: &[&str]) -> Result<String> {
+    let out = Command::new(c.home.join("velero/velero"))
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["-n", VELERO_NS])
+        .args(args)
+        .output()
+        .context("running velero")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("velero {} failed: {text}", args.join(" "));
+    }
+    Ok(text)
+}
+
+/// Two pods, three PVCs (p1 mounts a and b, p2 mounts c), known data in each.
+fn app(image: &str) -> String {
+    let mut y = String::new();
+    for p in ["a", "b", "c"] {
+        y += &format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {p}\nspec:\n  storageClassName: csi-hostpath-sc\n  \
+             accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n---\n"
+        );
+    }
+    let seed = |d: &str, mb: u32| {
+        format!(
+            "[ -f {d}/.seeded ] || {{ mkdir -p {d}/sub/deep {d}/empty; dd if=/dev/urandom of={d}/data.bin bs=1M count={mb} 2>/dev/null; \
+             seq 1 100000 > {d}/sub/numbers.txt; echo hi > {d}/sub/deep/x; ln -s ../data.bin {d}/sub/link; chmod 0600 {d}/sub/deep/x; \
+             chown 1000:1000 {d}/sub/numbers.txt; touch -d '2021-05-06 07:08:09' {d}/sub/deep/x; touch {d}/.seeded; }}; "
+        )
+    };
+    y += &format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p1\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    \
+         image: {image}\n    imagePullPolicy: Never\n    command: [\"/bin/sh\", \"-c\", {cmd:?}]\n    volumeMounts:\n    \
+         - {{name: a, mountPath: /a}}\n    - {{name: b, mountPath: /b}}\n  volumes:\n  - {{name: a, persistentVolumeClaim: {{claimName: a}}}}\n  \
+         - {{name: b, persistentVolumeClaim: {{claimName: b}}}}\n---\n",
+        cmd = format!(
+            "{}{}sync; touch /tmp/ready; sleep 100000",
+            seed("/a", 24),
+            seed("/b", 16)
+        )
+    );
+    y += &format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p2\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    \
+         image: {image}\n    imagePullPolicy: Never\n    command: [\"/bin/sh\", \"-c\", {cmd:?}]\n    volumeMounts:\n    \
+         - {{name: c, mountPath: /c}}\n  volumes:\n  - {{name: c, persistentVolumeClaim: {{claimName: c}}}}\n",
+        cmd = format!("{}sync; sleep 100000", seed("/c", 40))
+    );
+    y
+}
+
+/// Content and metadata of every entry of the three volumes, from a pod mounting all of them.
+fn manifest(t: &TestNs, image: &str, pod: &str) -> Result<String> {
+    let script = "for v in /a /b /c; do cd $v && find . -mindepth 1 | sort | while read f; do \
+        if [ -L \"$f\" ]; then echo \"$v/$f link $(readlink \"$f\")\"; \
+        elif [ -f \"$f\" ]; then echo \"$v/$f $(stat -c '%a %u %g %s %Y' \"$f\") $(md5sum < \"$f\" | cut -c1-32)\"; \
+        else echo \"$v/$f $(stat -c '%F %a %u %g %Y' \"$f\")\"; fi; done; done";
+    let mut y = script_pod(pod, image, script, None, &[]);
+    y += "    volumeMounts:\n    - {name: a, mountPath: /a}\n    - {name: b, mountPath: /b}\n    - {name: c, mountPath: /c}\n  volumes:\n";
+    for v in ["a", "b", "c"] {
+        y += &format!("  - {{name: {v}, persistentVolumeClaim: {{claimName: {v}}}}}\n");
+    }
+    t.apply(&y)?;
+    t.wait_pod_succeeded(pod, Duration::from_secs(180))?;
+    let m = t.logs(pod);
+    ensure!(m.lines().count() >= 21, "short manifest:\n{m}");
+    Ok(m)
+}
+
+/// A DataUpload of a backup: name, phase, total bytes, incremental bytes, data mover.
+type DuRow = (String, String, u64, u64, String);
+
+fn data_uploads(c: &Cluster, backup: &str) -> Result<Vec<DuRow>> {
+    let out = c.kubectl_output(&[
+        "-n", VELERO_NS, "get", "datauploads", "-l", &format!("velero.io/backup-name={backup}"), "-o",
+        "jsonpath={range .items[*]}{.metadata.name}|{.status.phase}|{.status.progress.totalBytes}|{.status.dataMoverResult.incrementalBytes}|{.spec.datamover}{\"\\n\"}{end}",
+    ])?;
+    Ok(out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse().ok()).unwrap_or(0);
+            (
+                f.first().unwrap_or(&"").to_string(),
+                f.get(1).unwrap_or(&"").to_string(),
+                num(2),
+                num(3),
+                f.get(4).unwrap_or(&"").to_string(),
+            )
+        })
+        .collect())
+}
+
+fn assert_nothing_left(c: &Cluster) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let left = c.kubectl_output(&[
+            "get",
+            "pods,pvc,volumesnapshot",
+            "-A",
+            "-l",
+            "app.kubernetes.io/managed-by=ferry-controller",
+            "-o",
+            "name",
+        ])? + &c.kubectl_output(&[
+            "get",
+            "volumesnapshotcontent,pv",
+            "-l",
+            "app.kubernetes.io/managed-by=ferry-controller",
+            "-o",
+            "name",
+        ])?;
+        if left.trim().is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "left behind by Ferry: {left}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Scenarios 1-3 of issue 5: backup of a namespace with two pods and three CSI PVCs through Velero, restore
+/// after deleting the namespace (pods run on the restored volumes, every file identical), and an
+/// incremental second backup after a small change.
+#[test]
+fn velero_backup_restore_incremental() {
+    let c = setup();
+    let image = c.var("FERRY_TEST_IMAGE").to_string();
+    let t = TestNs::new(&c, "app").expect("namespace");
+    let ns = t.ns.clone();
+    t.run(DEFAULT_LOGS, |t| -> Result<()> {
+        t.apply(&app(&image))?;
+        t.wait("app pods running", Duration::from_secs(180), || {
+            Ok(t.jsonpath("pod/p1", "{.status.phase}") == "Running" && t.jsonpath("pod/p2", "{.status.phase}") == "Running")
+        })?;
+        std::thread::sleep(Duration::from_secs(3));
+        let before = manifest(t, &image, "check1")?;
+
+        // 1. Backup.
+        let b1 = format!("{ns}-b1");
+        let start = Instant::now();
+        let out = velero(&c, &["backup", "create", &b1, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
+        let backup_time = start.elapsed();
+        ensure!(out.contains("Completed"), "backup not Completed:\n{out}");
+        let dus = data_uploads(&c, &b1)?;
+        eprintln!("scenario 1: backup {b1} in {:.1}s, DataUploads {dus:?}", backup_time.as_secs_f64());
+        ensure!(dus.len() == 3, "expected 3 DataUploads: {dus:?}");
+        ensure!(dus.iter().all(|d| d.1 == "Completed" && d.4 == "ferry" && d.2 > 0), "{dus:?}");
+        let moved: u64 = dus.iter().map(|d| d.2).sum();
+        let details = velero(&c, &["backup", "describe", &b1, "--details"])?;
+        ensure!(details.contains("Data Mover: ferry") && details.contains("Moved data Size (bytes)"), "{details}");
+        let columns = c.kubectl_output(&["-n", VELERO_NS, "get", "datauploads", "-l", &format!("velero.io/backup-name={b1}")])?;
+        eprintln!("{columns}");
+        ensure!(columns.contains("ferry-node") && columns.contains("Completed"), "kubectl get columns empty:\n{columns}");
+        assert_nothing_left(&c)?;
+
+        // 2. Delete the namespace, restore.
+        c.kubectl_output(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"])?;
+        let r1 = format!("{ns}-r1");
+        let start = Instant::now();
+        let out = velero(&c, &["restore", "create", &r1, "--from-backup", &b1, "--wait"])?;
+        let restore_time = start.elapsed();
+        ensure!(out.contains("Completed"), "restore not Completed:\n{out}");
+        eprintln!("scenario 2: restore {r1} in {:.1}s ({moved} bytes)", restore_time.as_secs_f64());
+        t.wait("restored pods running", Duration::from_secs(180), || {
+            Ok(t.jsonpath("pod/p1", "{.status.phase}") == "Running" && t.jsonpath("pod/p2", "{.status.phase}") == "Running")
+        })?;
+        let after = manifest(t, &image, "check2")?;
+        ensure!(after == before, "restored data differs:\n--- before\n{before}\n--- after\n{after}");
+        assert_nothing_left(&c)?;
+
+        // 3. Change about 1%, back up again.
+        t.apply(&script_pod(
+            "mutate",
+            &image,
+            "echo changed >> /data/sub/numbers.txt; dd if=/dev/urandom of=/data/new.bin bs=64k count=8 2>/dev/null; sync",
+            Some("a"),
+            &[],
+        ))?;
+        t.wait_pod_succeeded("mutate", Duration::from_secs(120))?;
+        let b2 = format!("{ns}-b2");
+        let out = velero(&c, &["backup", "create", &b2, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
+        ensure!(out.contains("Completed"), "second backup not Completed:\n{out}");
+        let dus2 = data_uploads(&c, &b2)?;
+        let total: u64 = dus2.iter().map(|d| d.2).sum();
+        let inc: u64 = dus2.iter().map(|d| d.3).sum();
+        eprintln!("scenario 3: {inc} incremental of {total} bytes: {dus2:?}");
+        ensure!(dus2.len() == 3 && inc < total / 10, "incremental {inc} not much smaller than {total}");
+        assert_nothing_left(&c)?;
+        let at_b2 = manifest(t, &image, "check3")?;
+
+        // 4. Delete b1: Ferry forgets its snapshots and prunes what only b1 used; b2 still restores.
+        let repo_dir = c.home.join("s3").join(&c.s3["FERRY_S3_BUCKET"]).join("velero/plugins/ferry").join(&ns);
+        let count = |d: &str| std::fs::read_dir(repo_dir.join(d)).map(|r| r.count()).unwrap_or(0);
+        let data_bytes = || -> u64 {
+            fn walk(p: &std::path::Path) -> u64 {
+                std::fs::read_dir(p)
+                    .map(|r| {
+                        r.flatten()
+                            .map(|e| if e.path().is_dir() { walk(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) })
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            }
+            walk(&repo_dir.join("data"))
+        };
+        let (snaps_before, bytes_before) = (count("snapshots"), data_bytes());
+        ensure!(snaps_before == 6, "expected 6 snapshots (b1, b2) in {}: {snaps_before}", repo_dir.display());
+        ensure!(
+            c.jsonpath(VELERO_NS, &format!("backup/{b1}"), "{.metadata.finalizers}").contains("ferry.dev/backup-data"),
+            "Ferry holds no finalizer on {b1}"
+        );
+        velero(&c, &["backup", "delete", &b1, "--confirm"])?;
+        t.wait("backup b1 deleted and released by Ferry", Duration::from_secs(240), || {
+            Ok(c.kubectl_output(&["-n", VELERO_NS, "get", "backup", &b1]).is_err())
+        })?;
+        let (snaps_after, bytes_after) = (count("snapshots"), data_bytes());
+        eprintln!(
+            "scenario 4: snapshots {snaps_before} -> {snaps_after}, pack bytes {bytes_before} -> {bytes_after}"
+        );
+        ensure!(snaps_after == 3, "b1's snapshots not forgotten: {snaps_after} left");
+        ensure!(bytes_after < bytes_before, "nothing pruned: {bytes_before} -> {bytes_after}");
+        c.kubectl_output(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"])?;
+        let r2 = format!("{ns}-r2");
+        let out = velero(&c, &["restore", "create", &r2, "--from-backup", &b2, "--wait"])?;
+        ensure!(out.contains("Completed"), "restore of b2 not Completed:\n{out}");
+        t.wait("pods of b2 running", Duration::from_secs(180), || {
+            Ok(t.jsonpath("pod/p1", "{.status.phase}") == "Running" && t.jsonpath("pod/p2", "{.status.phase}") == "Running")
+        })?;
+        let restored = manifest(t, &image, "check4")?;
+        let at_b2: String = at_b2.lines().filter(|l| !l.contains("check")).collect::<Vec<_>>().join("\n");
+        let restored: String = restored.lines().filter(|l| !l.contains("check")).collect::<Vec<_>>().join("\n");
+        ensure!(restored == at_b2, "b2 restored differently:\n--- b2\n{at_b2}\n--- restored\n{restored}");
+        assert_nothing_left(&c)?;
+
+        // 5. Velero killed during a backup and restarted: its DUs end canceled (or done), nothing is left,
+        // the next backup succeeds.
+        let b3 = format!("{ns}-b3");
+        velero(&c, &["backup", "create", &b3, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry"])?;
+        let start = Instant::now();
+        while data_uploads(&c, &b3)?.is_empty() {
+            ensure!(start.elapsed() < Duration::from_secs(120), "b3 created no DataUpload");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let down = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("velero/down");
+        let up = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("velero/up");
+        ensure!(Command::new(&down).arg("--kill").status()?.success(), "velero/down failed");
+        eprintln!("scenario 5: Velero killed with DataUploads {:?}", data_uploads(&c, &b3)?);
+        ensure!(Command::new(&up).status()?.success(), "velero/up failed");
+        t.wait("b3's DataUploads terminal", Duration::from_secs(180), || {
+            let dus = data_uploads(&c, &b3)?;
+            Ok(!dus.is_empty() && dus.iter().all(|d| matches!(d.1.as_str(), "Completed" | "Canceled" | "Failed")))
+        })?;
+        let dus3 = data_uploads(&c, &b3)?;
+        eprintln!("scenario 5: DataUploads of b3 after the Velero restart: {dus3:?}");
+        ensure!(dus3.iter().all(|d| d.1 != "Failed"), "{dus3:?}");
+        let backup_phase = c.jsonpath(VELERO_NS, &format!("backup/{b3}"), "{.status.phase}");
+        eprintln!("scenario 5: backup b3 after the restart: {backup_phase}");
+        assert_nothing_left(&c)?;
+        let b4 = format!("{ns}-b4");
+        let out = velero(&c, &["backup", "create", &b4, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
+        ensure!(out.contains("Completed"), "backup after the Velero restart not Completed:\n{out}");
+        assert_nothing_left(&c)?;
+        Ok(())
+    });
+}
