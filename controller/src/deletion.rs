@@ -158,14 +158,14 @@ pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
         nodes: Vec::new(),
         repo,
         password_secret: ctx.config.repository_password_secret.clone(),
-        args: vec![
-            "--kind=Backup".into(),
-            format!("--name={}", b.name_any()),
-            format!("--namespace={ns}"),
-            format!("--uid={}", b.uid().unwrap_or_default()),
-            format!("--forget-tag={tag}"),
-            format!("--grace-seconds={}", ctx.config.prune_grace_seconds),
-        ],
+        args: [
+            objects::owner_args(&*b),
+            vec![
+                format!("--forget-tag={tag}"),
+                format!("--grace-seconds={}", ctx.config.prune_grace_seconds),
+            ],
+        ]
+        .concat(),
     };
     let mut p = pod::build(&plan, &ctx.config);
     if let Some(l) = p.metadata.labels.as_mut() {

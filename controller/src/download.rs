@@ -266,13 +266,8 @@ impl Flow for DataDownload {
                 Err(w) => return Ok(Exposed::Waiting(w)),
             },
         };
-        let mut args = vec![
-            "--kind=DataDownload".to_string(),
-            format!("--name={}", self.name_any()),
-            format!("--namespace={ns}"),
-            format!("--uid={}", self.uid().unwrap_or_default()),
-            format!("--snapshot={}", self.spec.snapshot_id),
-        ];
+        let mut args = objects::owner_args(self);
+        args.push(format!("--snapshot={}", self.spec.snapshot_id));
         if self.mover_config("WriteSparseFiles") == Some("true") {
             args.push("--sparse".into());
         }

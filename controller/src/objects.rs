@@ -14,7 +14,7 @@ use kube::{Client, Resource, ResourceExt};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::cr::MoverCr;
 use crate::error::{Result, is_conflict, is_not_found};
-use crate::pod::RepoTarget;
+use crate::pod::{CaSource, RepoTarget};
 
 /// Name of the pod, PVC and VolumeSnapshot made for a CR.
 pub fn child_name<K: MoverCr>(cr: &K) -> String {
@@ -166,13 +166,49 @@ pub async fn repo_target_in(
         )));
     }
     let config = bsl.spec.config.clone().unwrap_or_default();
-    if bsl.spec.object_storage.ca_cert.is_some() || bsl.spec.object_storage.ca_cert_ref.is_some() {
-        return Ok(Err(format!(
-            "BackupStorageLocation {}: a custom caCert is not supported yet",
-            bsl_name
-        )));
-    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    // The CA bundle: caCertRef (a Secret key) wins over the inline, base64-encoded caCert.
+    let ca = match (
+        &bsl.spec.object_storage.ca_cert_ref,
+        &bsl.spec.object_storage.ca_cert,
+    ) {
+        (Some(sel), _) => {
+            let pem = get_opt(&secrets, &sel.name)
+                .await?
+                .and_then(|s| s.data.and_then(|mut d| d.remove(&sel.key)));
+            match pem {
+                Some(pem) if is_pem_certificate(&pem.0) => {
+                    Some(CaSource::Secret(sel.name.clone(), sel.key.clone()))
+                }
+                Some(_) => {
+                    return Ok(Err(format!(
+                        "BackupStorageLocation {bsl_name}: caCertRef {}/{}: key {:?} holds no PEM certificate",
+                        ns, sel.name, sel.key
+                    )));
+                }
+                None => {
+                    return Ok(Err(format!(
+                        "BackupStorageLocation {bsl_name}: caCertRef Secret {ns}/{} or its key {:?} not found",
+                        sel.name, sel.key
+                    )));
+                }
+            }
+        }
+        (None, Some(b64)) if !b64.trim().is_empty() => {
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+                Ok(pem) if is_pem_certificate(&pem) => {
+                    Some(CaSource::Pem(String::from_utf8_lossy(&pem).into_owned()))
+                }
+                _ => {
+                    return Ok(Err(format!(
+                        "BackupStorageLocation {bsl_name}: caCert is not a base64-encoded PEM certificate"
+                    )));
+                }
+            }
+        }
+        _ => None,
+    };
     let credentials = match &bsl.spec.credential {
         Some(sel) => Some((sel.name.clone(), sel.key.clone())),
         // Velero's default: the cloud-credentials Secret its server uses, if present.
@@ -235,12 +271,32 @@ pub async fn repo_target_in(
         endpoint: config.get("s3Url").filter(|s| !s.is_empty()).cloned(),
         region: config.get("region").filter(|s| !s.is_empty()).cloned(),
         path_style: config.get("s3ForcePathStyle").map(String::as_str) == Some("true"),
+        insecure_skip_tls_verify: config
+            .get("insecureSkipTLSVerify")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        ca,
         profile: config
             .get("profile")
             .filter(|s| !s.is_empty() && *s != "default")
             .cloned(),
         credentials,
     }))
+}
+
+/// The mover arguments naming the object it reports on: `--kind --name --namespace --uid`.
+pub fn owner_args<K: Resource<DynamicType = ()>>(o: &K) -> Vec<String> {
+    vec![
+        format!("--kind={}", K::kind(&())),
+        format!("--name={}", o.name_any()),
+        format!("--namespace={}", o.namespace().unwrap_or_default()),
+        format!("--uid={}", o.uid().unwrap_or_default()),
+    ]
+}
+
+/// Whether `bytes` hold at least one PEM certificate.
+fn is_pem_certificate(bytes: &[u8]) -> bool {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    bytes.windows(BEGIN.len()).any(|w| w == BEGIN)
 }
 
 /// Nodes where a new mover pod may go under the per-node limit, restricted to `allowed` when given.

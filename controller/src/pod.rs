@@ -7,8 +7,9 @@ use ferry_proto::pod as contract;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SecretVolumeSource,
-    SecurityContext, TopologySpreadConstraint, Volume, VolumeDevice, VolumeMount,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume, VolumeDevice,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -31,6 +32,19 @@ pub struct RepoTarget {
     pub profile: Option<String>,
     /// Credentials Secret name and key (AWS shared-credentials format).
     pub credentials: Option<(String, String)>,
+    /// Extra CA certificates for the endpoint (`caCert` / `caCertRef`).
+    pub ca: Option<CaSource>,
+    /// Skip server certificate verification (`insecureSkipTLSVerify`).
+    pub insecure_skip_tls_verify: bool,
+}
+
+/// Where the CA bundle of a BackupStorageLocation comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// Inline PEM (the BSL's `caCert`, decoded).
+    Pem(String),
+    /// A Secret name and key holding PEM (the BSL's `caCertRef`).
+    Secret(String, String),
 }
 
 /// Everything that goes into one mover pod.
@@ -110,6 +124,25 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
     }
     if let Some(p) = &plan.repo.profile {
         env.push(self::env("FERRY_S3_PROFILE", p));
+    }
+    if plan.repo.insecure_skip_tls_verify {
+        env.push(self::env(contract::ENV_S3_INSECURE_SKIP_TLS_VERIFY, "true"));
+    }
+    match &plan.repo.ca {
+        Some(CaSource::Pem(pem)) => env.push(self::env(contract::ENV_S3_CA_PEM, pem)),
+        Some(CaSource::Secret(name, key)) => env.push(EnvVar {
+            name: contract::ENV_S3_CA_PEM.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: name.clone(),
+                    key: key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        None => {}
     }
     let mut volumes: Vec<Volume> = plan
         .pvc
@@ -479,6 +512,76 @@ mod tests {
             "status": status,
         }))
         .expect("pod")
+    }
+
+    fn plan(repo: RepoTarget) -> PodPlan {
+        let cfg = Config::default();
+        PodPlan {
+            name: "ferry-x".into(),
+            namespace: "velero".into(),
+            labels: BTreeMap::new(),
+            owner: OwnerReference::default(),
+            direction: Direction::Backup,
+            op: "backup".into(),
+            mover: cfg.movers["ferry"].clone(),
+            pvc: Some("ferry-x".into()),
+            block: false,
+            nodes: vec![],
+            repo,
+            password_secret: "ferry-repository".into(),
+            args: vec![],
+        }
+    }
+
+    fn env_of(p: &Pod) -> Vec<EnvVar> {
+        p.spec.as_ref().expect("spec").containers[0]
+            .env
+            .clone()
+            .expect("env")
+    }
+
+    #[test]
+    fn passes_endpoint_tls_settings() {
+        let repo = RepoTarget {
+            url: "s3://b/velero/plugins/ferry/app".into(),
+            endpoint: Some("https://minio:9000".into()),
+            region: None,
+            path_style: true,
+            profile: None,
+            credentials: None,
+            ca: Some(CaSource::Secret("ca".into(), "bundle.pem".into())),
+            insecure_skip_tls_verify: false,
+        };
+        let p = build(&plan(repo.clone()), &Config::default());
+        let ca = env_of(&p)
+            .into_iter()
+            .find(|e| e.name == contract::ENV_S3_CA_PEM)
+            .expect("CA env");
+        let sel = ca
+            .value_from
+            .and_then(|v| v.secret_key_ref)
+            .expect("secretKeyRef");
+        assert_eq!((sel.name.as_str(), sel.key.as_str()), ("ca", "bundle.pem"));
+
+        let inline = RepoTarget {
+            ca: Some(CaSource::Pem("-----BEGIN CERTIFICATE-----".into())),
+            insecure_skip_tls_verify: true,
+            ..repo
+        };
+        let env = env_of(&build(&plan(inline), &Config::default()));
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            get(contract::ENV_S3_CA_PEM).as_deref(),
+            Some("-----BEGIN CERTIFICATE-----")
+        );
+        assert_eq!(
+            get(contract::ENV_S3_INSECURE_SKIP_TLS_VERIFY).as_deref(),
+            Some("true")
+        );
     }
 
     #[test]

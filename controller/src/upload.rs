@@ -237,16 +237,11 @@ impl Flow for DataUpload {
             Ok(n) => n,
             Err(w) => return Ok(Exposed::Waiting(w)),
         };
-        let mut args = vec![
-            "--kind=DataUpload".to_string(),
-            format!("--name={}", self.name_any()),
-            format!("--namespace={ns}"),
-            format!("--uid={}", self.uid().unwrap_or_default()),
-            format!(
-                "--source-pvc={}/{}",
-                self.spec.source_namespace, self.spec.source_pvc
-            ),
-        ];
+        let mut args = objects::owner_args(self);
+        args.push(format!(
+            "--source-pvc={}/{}",
+            self.spec.source_namespace, self.spec.source_pvc
+        ));
         for (label, tag) in [
             (
                 "velero.io/backup-name",

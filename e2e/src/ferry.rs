@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::Cluster;
 
@@ -164,6 +164,12 @@ pub fn wait_phase(
 /// Waits until Ferry has released the CR (finalizer gone) and nothing it created for it is left.
 pub fn assert_cleaned_up(c: &Cluster, kind: &str, name: &str) -> Result<()> {
     let uid = cr_field(c, kind, name, "{.metadata.uid}");
+    assert_no_leftovers(c, kind, name, &uid)
+}
+
+/// Like [`assert_cleaned_up`] for the CR with `uid`, which may already be gone.
+pub fn assert_no_leftovers(c: &Cluster, kind: &str, name: &str, uid: &str) -> Result<()> {
+    ensure!(!uid.is_empty(), "{kind}/{name}: no uid");
     let start = Instant::now();
     loop {
         let fin = cr_field(c, kind, name, "{.metadata.finalizers}");

@@ -142,8 +142,14 @@ impl Cluster {
 
     /// `kubectl apply -f -` with the given manifest.
     pub fn apply(&self, yaml: &str) -> Result<()> {
+        self.apply_in(&[], yaml)
+    }
+
+    /// `kubectl <pre> apply -f -` with the given manifest (`pre`: e.g. `-n ns`).
+    pub fn apply_in(&self, pre: &[&str], yaml: &str) -> Result<()> {
         let mut child = self
             .kubectl()
+            .args(pre)
             .args(["apply", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -248,27 +254,7 @@ impl TestNs {
 
     /// `kubectl apply` in this namespace (the manifest should not set a namespace).
     pub fn apply(&self, yaml: &str) -> Result<()> {
-        let mut child = self
-            .cluster
-            .kubectl()
-            .args(["-n", &self.ns, "apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(yaml.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl apply failed: {}\n{yaml}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        self.cluster.apply_in(&["-n", &self.ns], yaml)
     }
 
     /// jsonpath of an object in this namespace.
@@ -359,6 +345,29 @@ impl TestNs {
         for c in components {
             s += &format!("==== tail of {c}.log\n{}\n", self.cluster.log_tail(c, 40));
         }
+        // Ferry's own objects wherever they are (absent when Ferry is not deployed).
+        s += "==== objects made by ferry-controller, all namespaces\n";
+        s += &k(&[
+            "get",
+            "pods,pvc,volumesnapshot,volumesnapshotcontent,pv",
+            "-A",
+            "-l",
+            "app.kubernetes.io/managed-by=ferry-controller",
+            "-o",
+            "wide",
+        ]);
+        s += "==== datauploads / datadownloads\n";
+        s += &k(&["get", "datauploads,datadownloads", "-A", "-o", "wide"]);
+        s += "==== ferry-controller logs\n";
+        s += &k(&[
+            "-n",
+            "ferry-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/name=ferry-controller",
+            "--tail=60",
+            "--prefix",
+        ]);
         s
     }
 
@@ -373,6 +382,7 @@ impl TestNs {
                     .output();
             }
             Err(e) => {
+                eprintln!("==== FAILED: {e:#}");
                 eprintln!("{}", self.diagnostics(components));
                 panic!(
                     "e2e test failed in namespace {} (kept for inspection): {e:#}",

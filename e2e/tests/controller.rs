@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use ferry_e2e::ferry::{
-    BSL, VELERO_NS, assert_cleaned_up, cr_field, data_download, data_upload, deploy, wait_phase,
-    wait_terminal,
+    BSL, VELERO_NS, assert_cleaned_up, assert_no_leftovers, cr_field, data_download, data_upload,
+    deploy, wait_phase, wait_terminal,
 };
 use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
 
@@ -307,10 +307,12 @@ fn cancel_and_deleted_pod() {
     let t = TestNs::new(&c, "e2e-cancel").expect("namespace");
     t.run(&logs(), |t| -> Result<()> {
         volume_with_snapshot(t, &image, 768, "snap1")?;
-        t.apply(&snapshot("snap2", "data"))?;
-        t.wait("VolumeSnapshot 2 ready", Duration::from_secs(120), || {
-            Ok(t.jsonpath("volumesnapshot/snap2", "{.status.readyToUse}") == "true")
-        })?;
+        for snap in ["snap2", "snap3"] {
+            t.apply(&snapshot(snap, "data"))?;
+            t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
+                Ok(t.jsonpath(&format!("volumesnapshot/{snap}"), "{.status.readyToUse}") == "true")
+            })?;
+        }
         let du = format!("{}-c1", t.ns);
         c.apply(&data_upload(&du, &t.ns, "data", "snap1", "ferry", BSL))?;
         let (p, _) = wait_phase(
@@ -365,6 +367,39 @@ fn cancel_and_deleted_pod() {
             "DU with deleted pod ended {phase}: {msg}"
         );
         assert_cleaned_up(&c, "dataupload", &du2)?;
+
+        // A DU deleted while InProgress: the mover is stopped, everything is cleaned up, the DU goes away.
+        let du3 = format!("{}-c3", t.ns);
+        c.apply(&data_upload(&du3, &t.ns, "data", "snap3", "ferry", BSL))?;
+        let (p, _) = wait_phase(
+            &c,
+            "dataupload",
+            &du3,
+            "InProgress",
+            Duration::from_secs(300),
+        )?;
+        ensure!(p == "InProgress", "DU went {p}");
+        let uid = cr_field(&c, "dataupload", &du3, "{.metadata.uid}");
+        let asked = Instant::now();
+        c.kubectl_output(&[
+            "-n",
+            VELERO_NS,
+            "delete",
+            "dataupload",
+            &du3,
+            "--wait=false",
+        ])?;
+        t.wait("deleted DU gone", Duration::from_secs(60), || {
+            Ok(
+                c.kubectl_output(&["-n", VELERO_NS, "get", "dataupload", &du3])
+                    .is_err(),
+            )
+        })?;
+        eprintln!(
+            "deleting an InProgress DU took {:.1}s",
+            asked.elapsed().as_secs_f64()
+        );
+        assert_no_leftovers(&c, "dataupload", &du3, &uid)?;
         delete_cr(&c, "dataupload", &du);
         delete_cr(&c, "dataupload", &du2);
         Ok(())
@@ -481,6 +516,91 @@ fn concurrent_limit_and_controller_restart() {
             assert_cleaned_up(&c, "dataupload", n)?;
             delete_cr(&c, "dataupload", n);
         }
+        Ok(())
+    });
+}
+
+/// A PVC in `class`, raw block mode, optionally with Velero's restore selector.
+fn block_pvc(name: &str, class: &str, selector: Option<&str>) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n  storageClassName: {class}\n  \
+         volumeMode: Block\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 64Mi\n"
+    );
+    if let Some(s) = selector {
+        y += &format!("  selector:\n    matchLabels:\n      velero.io/dynamic-pv-restore: {s}\n");
+    }
+    y
+}
+
+/// A pod that runs `script` with the block PVC `pvc` attached at /dev/xvda.
+fn device_pod(name: &str, image: &str, pvc: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  \
+         terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    \
+         imagePullPolicy: Never\n    command: [\"/bin/sh\", \"-c\", {script:?}]\n    volumeDevices:\n    - {{name: dev, devicePath: /dev/xvda}}\n  volumes:\n  \
+         - {{name: dev, persistentVolumeClaim: {{claimName: {pvc}}}}}\n"
+    )
+}
+
+/// Raw block volumes: a block PVC is backed up through a DU and restored through a DD into a block PVC of
+/// a WaitForFirstConsumer class whose consumer pod is already waiting (so the restore must land on the node
+/// the scheduler picked). The device bytes are identical; nothing is left behind.
+#[test]
+fn block_volume_and_wait_for_first_consumer() {
+    let c = setup();
+    let image = c.var("FERRY_TEST_IMAGE").to_string();
+    let wffc = c.var("FERRY_STORAGECLASS_WFFC").to_string();
+    let t = TestNs::new(&c, "e2e-block").expect("namespace");
+    t.run(&logs(), |t| -> Result<()> {
+        const SUM: &str = "md5sum < /dev/xvda | cut -c1-32";
+        t.apply(&block_pvc("raw", "csi-hostpath-sc", None))?;
+        t.apply(&device_pod(
+            "writer",
+            &image,
+            "raw",
+            &format!(
+                "set -e; dd if=/dev/urandom of=/dev/xvda bs=1M count=8 seek=3 conv=notrunc 2>/dev/null; \
+                 printf ferry | dd of=/dev/xvda bs=1 seek=60000000 conv=notrunc 2>/dev/null; sync; {SUM}"
+            ),
+        ))?;
+        t.wait_pod_succeeded("writer", Duration::from_secs(180))?;
+        let sum = t.logs("writer").trim().to_string();
+        ensure!(sum.len() == 32, "writer printed no checksum: {sum:?}");
+        t.apply(&snapshot("bsnap", "raw"))?;
+        t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
+            Ok(t.jsonpath("volumesnapshot/bsnap", "{.status.readyToUse}") == "true")
+        })?;
+
+        let du = format!("{}-b", t.ns);
+        c.apply(&data_upload(&du, &t.ns, "raw", "bsnap", "ferry", BSL))?;
+        let (phase, msg, _) = wait_terminal(&c, "dataupload", &du, Duration::from_secs(300))?;
+        ensure!(phase == "Completed", "block DU ended {phase}: {msg}");
+        let sid = cr_field(&c, "dataupload", &du, "{.status.snapshotID}");
+        let total: u64 = cr_field(&c, "dataupload", &du, "{.status.progress.totalBytes}")
+            .parse()
+            .unwrap_or(0);
+        ensure!(total == 64 << 20, "block DU moved {total} bytes, not the device size");
+        assert_cleaned_up(&c, "dataupload", &du)?;
+
+        // The consumer exists before the restore: the scheduler picks its node and the PVC waits for it.
+        let sel = format!("{}.raw2.xyz12", t.ns);
+        t.apply(&block_pvc("raw2", &wffc, Some(&sel)))?;
+        t.apply(&device_pod("reader", &image, "raw2", SUM))?;
+        t.wait("scheduler selected a node for the WFFC PVC", Duration::from_secs(120), || {
+            Ok(!t
+                .jsonpath("pvc/raw2", "{.metadata.annotations.volume\\.kubernetes\\.io/selected-node}")
+                .is_empty())
+        })?;
+        let dd = format!("{}-b", t.ns);
+        c.apply(&data_download(&dd, &t.ns, "raw2", &t.ns, &sid))?;
+        let (phase, msg, _) = wait_terminal(&c, "datadownload", &dd, Duration::from_secs(300))?;
+        ensure!(phase == "Completed", "block DD ended {phase}: {msg}");
+        t.wait_pod_succeeded("reader", Duration::from_secs(180))?;
+        let got = t.logs("reader").trim().to_string();
+        ensure!(got == sum, "restored device differs: {got} != {sum}");
+        assert_cleaned_up(&c, "datadownload", &dd)?;
+        delete_cr(&c, "dataupload", &du);
+        delete_cr(&c, "datadownload", &dd);
         Ok(())
     });
 }

@@ -51,6 +51,13 @@ pub struct Global {
     /// AWS profile to take S3 credentials from.
     #[arg(long, env = "FERRY_S3_PROFILE", global = true)]
     pub s3_profile: Option<String>,
+    /// PEM file of CA certificates to trust for the S3 endpoint, besides the system roots
+    /// ($FERRY_S3_CA_PEM may hold the PEM text itself).
+    #[arg(long, env = "FERRY_S3_CA_FILE", global = true)]
+    pub s3_ca_file: Option<PathBuf>,
+    /// Do not verify the S3 server's TLS certificate (self-signed test servers only).
+    #[arg(long, env = "FERRY_S3_INSECURE_SKIP_TLS_VERIFY", global = true)]
+    pub s3_insecure_skip_tls_verify: bool,
     /// Directory of the local metadata cache.
     #[arg(long, env = "FERRY_CACHE_DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
@@ -243,6 +250,15 @@ impl Ctx {
             region: g.s3_region.clone(),
             path_style: g.s3_path_style,
             profile: g.s3_profile.clone(),
+            ca_pem: match (&g.s3_ca_file, std::env::var_os("FERRY_S3_CA_PEM")) {
+                (Some(f), _) => Some(
+                    std::fs::read(f)
+                        .with_context(|| format!("reading the S3 CA file {}", f.display()))?,
+                ),
+                (None, Some(pem)) if !pem.is_empty() => Some(pem.as_bytes().to_vec()),
+                _ => None,
+            },
+            insecure_skip_tls_verify: g.s3_insecure_skip_tls_verify,
             ..Default::default()
         };
         Ok(ferry_mover::open_backend(&self.location()?, s3).await?)

@@ -206,6 +206,19 @@ fn report(stage: Stage, p: &Progress, message: String) -> Report {
     }
 }
 
+/// The final report of a finished operation: everything done.
+fn completed(bytes: u64, files: u64) -> Report {
+    Report {
+        version: REPORT_VERSION,
+        stage: Stage::Completed as i32,
+        total_bytes: bytes,
+        done_bytes: bytes,
+        total_files: files,
+        done_files: files,
+        message: String::new(),
+    }
+}
+
 fn write_termination_log(path: &std::path::Path, message: &str) {
     let mut m = message.to_string();
     if m.len() > contract::TERMINATION_MESSAGE_MAX {
@@ -320,16 +333,10 @@ async fn backup(
     let out = ferry_mover::backup::backup(repo, opts, progress).await?;
     let s = &out.snapshot.summary;
     let result = s.result(&out.id);
-    let r = Report {
-        version: REPORT_VERSION,
-        stage: Stage::Completed as i32,
-        total_bytes: s.total_bytes,
-        done_bytes: s.total_bytes,
-        total_files: s.files,
-        done_files: s.files,
-        message: String::new(),
-    };
-    Ok(Outcome::Done(serde_json::to_string(&result)?, r))
+    Ok(Outcome::Done(
+        serde_json::to_string(&result)?,
+        completed(s.total_bytes, s.files),
+    ))
 }
 
 async fn restore(
@@ -362,16 +369,10 @@ async fn restore(
         files: s.files,
         dirs: s.dirs,
     };
-    let r = Report {
-        version: REPORT_VERSION,
-        stage: Stage::Completed as i32,
-        total_bytes: s.bytes,
-        done_bytes: s.bytes,
-        total_files: s.files,
-        done_files: s.files,
-        message: String::new(),
-    };
-    Ok(Outcome::Done(serde_json::to_string(&result)?, r))
+    Ok(Outcome::Done(
+        serde_json::to_string(&result)?,
+        completed(s.bytes, s.files),
+    ))
 }
 
 async fn maintain(ctx: &Ctx, args: &MaintainArgs, progress: Arc<Progress>) -> Result<Outcome> {
@@ -426,11 +427,5 @@ async fn maintain(ctx: &Ctx, args: &MaintainArgs, progress: Arc<Progress>) -> Re
         }));
     }
     let result = serde_json::json!({"version": RESULT_VERSION, "repositories": repos});
-    let r = Report {
-        version: REPORT_VERSION,
-        stage: Stage::Completed as i32,
-        message: String::new(),
-        ..Default::default()
-    };
-    Ok(Outcome::Done(result.to_string(), r))
+    Ok(Outcome::Done(result.to_string(), completed(0, 0)))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use ferry_mover::backend::Backend;
-use ferry_mover::backend::s3::S3Backend;
+use ferry_mover::backend::s3::{S3Backend, S3Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_backend_conformance_and_round_trip() {
@@ -117,4 +117,50 @@ async fn s3_errors_are_clear() {
         .await
         .unwrap_err();
     assert!(matches!(err, ferry_mover::Error::Backend { .. }), "{err}");
+}
+
+/// An S3 endpoint behind HTTPS with a private CA: refused with a clear error when the CA is not given,
+/// works with the CA (`caCert`) and with verification turned off (`insecureSkipTLSVerify`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_over_tls_with_private_ca() {
+    let s3 = S3Server::start_tls().await;
+    s3.create_bucket("tls").await;
+
+    let untrusted = S3Options {
+        ca_pem: None,
+        ..s3.options("tls", "untrusted")
+    };
+    let b = S3Backend::new(untrusted).await.unwrap();
+    let err = b.list("").await.unwrap_err().to_string();
+    assert!(
+        err.contains("certificate") && err.contains("caCert"),
+        "unclear TLS error: {err}"
+    );
+
+    let b = S3Backend::new(s3.options("tls", "ca")).await.unwrap();
+    ferry_mover::backend::conformance::run(&b).await;
+    let backend: Arc<dyn Backend> =
+        Arc::new(S3Backend::new(s3.options("tls", "repo")).await.unwrap());
+    let repo = new_repo(backend.clone()).await;
+    let src = tempdir();
+    rich_tree(src.path());
+    backup(&repo, src.path()).await;
+    let out = tempdir();
+    restore_latest(&repo, out.path()).await.unwrap();
+    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+
+    let insecure = S3Options {
+        ca_pem: None,
+        insecure_skip_tls_verify: true,
+        ..s3.options("tls", "insecure")
+    };
+    let b = S3Backend::new(insecure).await.unwrap();
+    ferry_mover::backend::conformance::run(&b).await;
+
+    let bad = S3Options {
+        ca_pem: Some(b"not a certificate".to_vec()),
+        ..s3.options("tls", "bad")
+    };
+    let err = S3Backend::new(bad).await.unwrap_err().to_string();
+    assert!(err.contains("no PEM certificate"), "{err}");
 }

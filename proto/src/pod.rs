@@ -7,6 +7,7 @@
 //!   read-only for backup.
 //! * The repository password: the file [`PASSWORD_FILE`]. S3 credentials: an AWS shared-credentials file
 //!   at [`CREDENTIALS_FILE`] when the BSL names a credential Secret (`AWS_SHARED_CREDENTIALS_FILE` is set).
+//!   Endpoint TLS: [`ENV_S3_CA_PEM`] and [`ENV_S3_INSECURE_SKIP_TLS_VERIFY`].
 //! * Reporting: Events on the CR (see [`crate::report`]); the service account may create and patch events.
 //! * The result: on success the container exits 0 and writes the [`crate::result`] JSON to
 //!   `/dev/termination-log`; on failure it exits [`EXIT_FAILED`] with the error text there; when canceled
@@ -22,10 +23,11 @@ pub const PASSWORD_FILE: &str = "/ferry/secrets/password/password";
 pub const CREDENTIALS_DIR: &str = "/ferry/secrets/credentials";
 /// The S3 credentials file (AWS shared-credentials format).
 pub const CREDENTIALS_FILE: &str = "/ferry/secrets/credentials/cloud";
-/// Directory of the CA bundle for the S3 endpoint, when the BSL has one.
-pub const CA_DIR: &str = "/ferry/secrets/ca";
-/// The CA bundle file.
-pub const CA_FILE: &str = "/ferry/secrets/ca/ca.pem";
+/// Environment variable holding the PEM CA bundle for the S3 endpoint (the BSL's `caCert` or the Secret key
+/// named by `caCertRef`), trusted in addition to the system roots.
+pub const ENV_S3_CA_PEM: &str = "FERRY_S3_CA_PEM";
+/// Environment variable set to `true` when the BSL says `insecureSkipTLSVerify: "true"`.
+pub const ENV_S3_INSECURE_SKIP_TLS_VERIFY: &str = "FERRY_S3_INSECURE_SKIP_TLS_VERIFY";
 /// Scratch directory (index cache).
 pub const CACHE_PATH: &str = "/ferry/cache";
 /// Exit code: failed.

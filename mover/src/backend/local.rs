@@ -40,6 +40,32 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Invalid(format!("storage worker panicked: {e}")))?
 }
 
+/// Writes `data` durably to a temporary file beside `path`, then lets `publish` move it into place (rename
+/// or link), then syncs the directory. The temporary file never outlives a failure.
+fn write_via_temp<T>(
+    path: &Path,
+    data: &[u8],
+    publish: impl FnOnce(&Path, &Path) -> std::io::Result<T>,
+) -> Result<T> {
+    let dir = path.parent().expect("keys have a parent");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut rnd = [0u8; 8];
+    crate::crypto::fill_random(&mut rnd)?;
+    let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
+    let write = || -> std::io::Result<T> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        let out = publish(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(out)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
 fn not_found_or(key: &str, path: &Path, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::NotFound {
         Error::NotFound(key.to_string())
@@ -57,21 +83,9 @@ impl Backend for LocalBackend {
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
         blocking(move || {
-            let dir = path.parent().expect("keys have a parent");
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let mut rnd = [0u8; 8];
-            crate::crypto::fill_random(&mut rnd)?;
-            let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
-            let write = || -> std::io::Result<()> {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(dir)?.sync_all()
-            };
-            write().map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                Error::io(&path, e)
+            write_via_temp(&path, &data, |tmp, path| {
+                std::fs::rename(tmp, path)?;
+                Ok(())
             })
         })
         .await
@@ -80,28 +94,15 @@ impl Backend for LocalBackend {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool> {
         let path = self.path(key)?;
         blocking(move || {
-            let dir = path.parent().expect("keys have a parent");
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let mut rnd = [0u8; 8];
-            crate::crypto::fill_random(&mut rnd)?;
-            let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
-            let write = || -> std::io::Result<bool> {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()?;
+            write_via_temp(&path, &data, |tmp, path| {
                 // link(2) never replaces an existing name: exactly one racer wins.
-                let won = match std::fs::hard_link(&tmp, &path) {
+                let won = match std::fs::hard_link(tmp, path) {
                     Ok(()) => true,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
                     Err(e) => return Err(e),
                 };
-                std::fs::remove_file(&tmp)?;
-                std::fs::File::open(dir)?.sync_all()?;
+                std::fs::remove_file(tmp)?;
                 Ok(won)
-            };
-            write().map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                Error::io(&path, e)
             })
         })
         .await

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 
 pub mod conformance;
+mod insecure_http;
 pub mod local;
 pub mod s3;
 

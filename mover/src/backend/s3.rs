@@ -30,6 +30,10 @@ pub struct S3Options {
     pub credentials: Option<(String, String, Option<String>)>,
     /// Named profile of the AWS chain (e.g. from a Velero credentials file).
     pub profile: Option<String>,
+    /// Extra trusted CA certificates (PEM), on top of the system roots: the BSL's `caCert`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Accept any server certificate: the BSL's `insecureSkipTLSVerify`.
+    pub insecure_skip_tls_verify: bool,
 }
 
 /// A repository under a prefix of an S3 bucket.
@@ -55,12 +59,48 @@ fn sdk_err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
                 err.message().unwrap_or("no message")
             )
         }
-        other => format!(
-            "{}",
-            aws_smithy_types::error::display::DisplayErrorContext(other)
-        ),
+        other => {
+            let text = format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(other)
+            );
+            if text.contains("certificate") {
+                format!(
+                    "{text} (the S3 server's TLS certificate is not trusted: give its CA as caCert \
+                     or caCertRef in the BackupStorageLocation, or --s3-ca-file)"
+                )
+            } else {
+                text
+            }
+        }
     };
     Error::backend(op, key, detail)
+}
+
+/// The SDK's HTTPS client with `pem`'s certificates trusted in addition to the system roots.
+fn https_client_trusting(
+    pem: &[u8],
+) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(Error::Invalid(
+            "the S3 CA bundle (caCert) holds no PEM certificate".into(),
+        ));
+    }
+    let ctx = TlsContext::builder()
+        .with_trust_store(
+            TrustStore::empty()
+                .with_native_roots(true)
+                .with_pem_certificate(pem.to_vec()),
+        )
+        .build()
+        .map_err(|e| Error::Invalid(format!("the S3 CA bundle (caCert): {e}")))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .tls_context(ctx)
+        .build_https())
 }
 
 impl S3Backend {
@@ -95,6 +135,12 @@ impl S3Backend {
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(6));
         if let Some(ep) = &o.endpoint {
             cfg = cfg.endpoint_url(ep);
+        }
+        if o.insecure_skip_tls_verify {
+            tracing::warn!("S3 server certificates are not verified (insecureSkipTLSVerify)");
+            cfg = cfg.http_client(super::insecure_http::client());
+        } else if let Some(pem) = &o.ca_pem {
+            cfg = cfg.http_client(https_client_trusting(pem)?);
         }
         Ok(S3Backend {
             client: Client::from_conf(cfg.build()),

@@ -165,6 +165,26 @@ pub struct S3Server {
     pub endpoint: String,
     pub access: String,
     pub secret: String,
+    /// PEM of the CA that signed the server's certificate, when it serves HTTPS.
+    pub ca_pem: Option<String>,
+}
+
+/// A throwaway CA and a server certificate it signs for 127.0.0.1: (CA PEM, server cert PEM, key PEM).
+fn test_pki() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
 impl Drop for S3Server {
@@ -175,7 +195,17 @@ impl Drop for S3Server {
 }
 
 impl S3Server {
+    /// A plain-HTTP server.
     pub async fn start() -> S3Server {
+        Self::start_with(false).await
+    }
+
+    /// An HTTPS server with a certificate from a throwaway CA ([`S3Server::ca_pem`]).
+    pub async fn start_tls() -> S3Server {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> S3Server {
         let out = Command::new(repo_root().join("scripts/ensure-versitygw"))
             .output()
             .expect("running scripts/ensure-versitygw (needs Go)");
@@ -194,16 +224,27 @@ impl S3Server {
             .port();
         let (access, secret) = ("ferrytest".to_string(), "ferrytestsecret123".to_string());
         let log = std::fs::File::create(dir.path().join("versitygw.log")).unwrap();
-        let child = Command::new(bin)
-            .args([
-                "--access",
-                &access,
-                "--secret",
-                &secret,
-                "--port",
-                &format!("127.0.0.1:{port}"),
-                "posix",
-            ])
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--access",
+            &access,
+            "--secret",
+            &secret,
+            "--port",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        let ca_pem = tls.then(|| {
+            let (ca, cert, key) = test_pki();
+            std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.path().join("key.pem"), key).unwrap();
+            cmd.arg("--cert")
+                .arg(dir.path().join("cert.pem"))
+                .arg("--key")
+                .arg(dir.path().join("key.pem"));
+            ca
+        });
+        let child = cmd
+            .arg("posix")
             .arg(dir.path().join("root"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -213,9 +254,10 @@ impl S3Server {
         let server = S3Server {
             child,
             _dir: dir,
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" }),
             access,
             secret,
+            ca_pem,
         };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -236,7 +278,8 @@ impl S3Server {
             region: Some("us-east-1".into()),
             path_style: true,
             credentials: Some((self.access.clone(), self.secret.clone(), None)),
-            profile: None,
+            ca_pem: self.ca_pem.clone().map(String::into_bytes),
+            ..Default::default()
         }
     }
 
@@ -244,7 +287,23 @@ impl S3Server {
     pub async fn create_bucket(&self, name: &str) {
         let creds =
             aws_sdk_s3::config::Credentials::new(&self.access, &self.secret, None, None, "test");
-        let conf = aws_sdk_s3::Config::builder()
+        let mut conf = aws_sdk_s3::Config::builder();
+        if let Some(ca) = &self.ca_pem {
+            use aws_smithy_http_client::tls;
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::empty().with_pem_certificate(ca.as_bytes()))
+                .build()
+                .unwrap();
+            conf = conf.http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(tls::Provider::Rustls(
+                        tls::rustls_provider::CryptoMode::AwsLc,
+                    ))
+                    .tls_context(ctx)
+                    .build_https(),
+            );
+        }
+        let conf = conf
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)

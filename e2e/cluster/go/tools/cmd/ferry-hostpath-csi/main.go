@@ -4,6 +4,8 @@
 // proxy reachable here does not serve. It implements the CSI calls that the upstream external-provisioner,
 // csi-snapshotter and the kubelet use:
 //   - volumes are directories <statedir>/volumes/<id>, published into pods with a bind mount;
+//   - block volumes are a sparse image <statedir>/volumes/<id>/disk.img, published as a loop device
+//     bind-mounted onto the target file;
 //   - snapshots are tar archives <statedir>/snapshots/<id>.tar of the volume directory;
 //   - a volume created from a snapshot (or cloned from a volume) starts with that content;
 //   - it also serves the kubelet plugin-registration socket (what node-driver-registrar does).
@@ -69,11 +71,63 @@ func idFor(prefix, name string) string {
 	return prefix + hex.EncodeToString(h[:12])
 }
 
-func volDir(id string) string   { return filepath.Join(*stateDir, "volumes", id) }
-func snapTar(id string) string  { return filepath.Join(*stateDir, "snapshots", id+".tar") }
+func volDir(id string) string    { return filepath.Join(*stateDir, "volumes", id) }
+func snapTar(id string) string   { return filepath.Join(*stateDir, "snapshots", id+".tar") }
 func snapMetaF(id string) string { return filepath.Join(*stateDir, "snapshots", id+".json") }
 
+func diskImg(id string) string { return filepath.Join(volDir(id), "disk.img") }
+
 func exists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func wantsBlock(caps []*csi.VolumeCapability) bool {
+	for _, c := range caps {
+		if c.GetBlock() != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// loopFor returns the loop device backing img, attaching one if there is none.
+func loopFor(img string) (string, error) {
+	out, err := exec.Command("losetup", "-j", img).Output()
+	if err != nil {
+		return "", fmt.Errorf("losetup -j %s: %v", img, err)
+	}
+	if f := strings.SplitN(strings.TrimSpace(string(out)), ":", 2); len(f) == 2 && f[0] != "" {
+		return f[0], nil
+	}
+	out, err = exec.Command("losetup", "-f", "--show", img).Output()
+	if err != nil {
+		return "", fmt.Errorf("losetup -f --show %s: %v", img, err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// detachUnused detaches the loop devices of img that are no longer bind-mounted anywhere.
+func detachUnused(img string) {
+	out, err := exec.Command("losetup", "-j", img).Output()
+	if err != nil {
+		return
+	}
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		dev := strings.SplitN(line, ":", 2)[0]
+		if dev == "" {
+			continue
+		}
+		used := false
+		for _, m := range strings.Split(string(mi), "\n") {
+			if f := strings.Fields(m); len(f) > 4 && f[3] == "/"+filepath.Base(dev) {
+				used = true
+			}
+		}
+		if !used {
+			_ = run("losetup", "-d", dev)
+			log.Printf("detached %s (%s)", dev, img)
+		}
+	}
+}
 
 func dirSize(p string) int64 {
 	var n int64
@@ -131,11 +185,6 @@ func checkCaps(caps []*csi.VolumeCapability) error {
 	if len(caps) == 0 {
 		return status.Error(codes.InvalidArgument, "volume capabilities missing")
 	}
-	for _, c := range caps {
-		if c.GetBlock() != nil {
-			return status.Error(codes.InvalidArgument, "block volumes are not supported")
-		}
-	}
 	return nil
 }
 
@@ -177,10 +226,26 @@ func (d *driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 				return nil, status.Error(codes.Internal, err.Error())
 			}
 		}
+		if wantsBlock(req.GetVolumeCapabilities()) {
+			// A block volume is one sparse image file; from a snapshot it keeps the snapshot's bytes.
+			img := filepath.Join(tmp, "disk.img")
+			f, err := os.OpenFile(img, os.O_CREATE|os.O_RDWR, 0o600)
+			if err != nil {
+				return nil, status.Error(codes.Internal, err.Error())
+			}
+			fi, _ := f.Stat()
+			if fi != nil && fi.Size() < size {
+				err = f.Truncate(size)
+			}
+			f.Close()
+			if err != nil {
+				return nil, status.Error(codes.Internal, err.Error())
+			}
+		}
 		if err := os.Rename(tmp, dir); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}
-		log.Printf("CreateVolume %s -> %s (source %v)", req.GetName(), id, src)
+		log.Printf("CreateVolume %s -> %s (source %v, block %v)", req.GetName(), id, src, wantsBlock(req.GetVolumeCapabilities()))
 	}
 	return &csi.CreateVolumeResponse{Volume: &csi.Volume{VolumeId: id, CapacityBytes: size, ContentSource: src}}, nil
 }
@@ -192,6 +257,9 @@ func (d *driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if exists(diskImg(id)) {
+		detachUnused(diskImg(id))
+	}
 	if err := os.RemoveAll(volDir(id)); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -244,7 +312,7 @@ func (d *driver) CreateSnapshot(_ context.Context, req *csi.CreateSnapshotReques
 	if err := os.MkdirAll(filepath.Dir(snapTar(id)), 0o700); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	if err := run("tar", "-cf", snapTar(id)+".tmp", "-C", src, "."); err != nil {
+	if err := run("tar", "--sparse", "-cf", snapTar(id)+".tmp", "-C", src, "."); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	if err := os.Rename(snapTar(id)+".tmp", snapTar(id)); err != nil {
@@ -321,7 +389,7 @@ func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolume
 		return nil, status.Error(codes.InvalidArgument, "volume id, target path and capability required")
 	}
 	if req.GetVolumeCapability().GetBlock() != nil {
-		return nil, status.Error(codes.InvalidArgument, "block volumes are not supported")
+		return d.publishBlock(id, target, req.GetReadonly())
 	}
 	src := volDir(id)
 	if !exists(src) {
@@ -346,6 +414,42 @@ func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolume
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
+// publishBlock attaches the volume's image to a loop device and bind-mounts that onto the target file.
+func (d *driver) publishBlock(id, target string, ro bool) (*csi.NodePublishVolumeResponse, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	img := diskImg(id)
+	if !exists(img) {
+		return nil, status.Errorf(codes.NotFound, "block volume %s not found", id)
+	}
+	if isMountPoint(target) {
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	dev, err := loopFor(img)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if f, err := os.OpenFile(target, os.O_CREATE, 0o640); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	} else {
+		f.Close()
+	}
+	if err := syscall.Mount(dev, target, "", syscall.MS_BIND, ""); err != nil {
+		return nil, status.Errorf(codes.Internal, "bind mount %s on %s: %v", dev, target, err)
+	}
+	if ro {
+		if err := syscall.Mount("", target, "", syscall.MS_BIND|syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+			_ = syscall.Unmount(target, 0)
+			return nil, status.Errorf(codes.Internal, "remount read-only: %v", err)
+		}
+	}
+	log.Printf("NodePublishVolume (block) %s: %s on %s (ro=%v)", id, dev, target, ro)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
 func (d *driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	target := req.GetTargetPath()
 	if target == "" {
@@ -358,6 +462,11 @@ func (d *driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 	}
 	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if id := req.GetVolumeId(); id != "" && !strings.Contains(id, "/") && exists(diskImg(id)) {
+		d.mu.Lock()
+		detachUnused(diskImg(id))
+		d.mu.Unlock()
 	}
 	log.Printf("NodeUnpublishVolume %s from %s", req.GetVolumeId(), target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
