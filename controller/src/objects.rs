@@ -7,7 +7,7 @@ use ferry_proto::labels;
 use ferry_proto::velero::BackupStorageLocation;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, Resource, ResourceExt};
 
@@ -124,6 +124,50 @@ where
         }
     }
     Ok(n)
+}
+
+/// The external-provisioner's finalizer on a VolumeSnapshot that a PVC is being provisioned from. The
+/// provisioner removes it once, on success, and gives up if that write conflicts with another one
+/// (kubernetes-csi/external-provisioner#1507), which leaves the snapshot terminating for ever.
+pub const PROVISIONER_SOURCE_FINALIZER: &str =
+    "provisioner.storage.kubernetes.io/volumesnapshot-as-source-protection";
+
+/// Drops [`PROVISIONER_SOURCE_FINALIZER`] from the terminating snapshots matching `selector`. Call it only
+/// once no PVC provisioned from them is left: then the protection guards nothing.
+pub async fn release_source_protection(api: &Api<DynamicObject>, selector: &str) -> Result<()> {
+    for vs in api
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+    {
+        let fins = vs.metadata.finalizers.clone().unwrap_or_default();
+        if vs.metadata.deletion_timestamp.is_none()
+            || !fins.iter().any(|f| f == PROVISIONER_SOURCE_FINALIZER)
+        {
+            continue;
+        }
+        let keep: Vec<&String> = fins
+            .iter()
+            .filter(|f| *f != PROVISIONER_SOURCE_FINALIZER)
+            .collect();
+        // With the resourceVersion the patch only applies to the version read.
+        let patch = serde_json::json!({"metadata": {
+            "finalizers": keep,
+            "resourceVersion": vs.metadata.resource_version,
+        }});
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.patch(&vs.name_any(), &pp, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                tracing::info!(snapshot = %vs.name_any(), "released a stale {PROVISIONER_SOURCE_FINALIZER}")
+            }
+            Err(e) if is_conflict(&e) || is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Why a CR cannot run, for `status.message`.

@@ -300,6 +300,11 @@ async fn prepare<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
             }
         };
     }
+    // Expose and the pod create objects: act only on the CR as the API server has it now, never on a
+    // cache entry that may trail a completion and cleanup that already happened.
+    if !is_current(ctx, cr).await? {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     let exposed = cr.expose(ctx).await?;
     let (pvc, block, nodes, args) = match exposed {
         Exposed::Failed(m) => return fail(ctx, cr, m).await,
@@ -362,6 +367,15 @@ async fn prepare<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
     objects::create_idempotent(&pods, &pod::build(&plan, &ctx.config)).await?;
     note(ctx, cr, "mover pod created").await?;
     Ok(Action::requeue(Duration::from_millis(500)))
+}
+
+/// Whether `cr` is the API server's current version of the object (a quorum read).
+async fn is_current<K: MoverCr>(ctx: &Context, cr: &K) -> Result<bool> {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
+    Ok(match api.get_opt(&cr.name_any()).await? {
+        Some(now) => now.resource_version() == cr.resource_version(),
+        None => false,
+    })
 }
 
 /// Sets a waiting message (not a transition).
@@ -672,6 +686,50 @@ mod tests {
         });
         let err = reconcile(Arc::new(cr), ctx).await.expect_err("conflict");
         assert!(err.is_conflict(), "{err}");
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_stale_cache_entry_creates_nothing() {
+        let (ctx, mut handle) = ctx();
+        let cr = du(
+            "ferry",
+            json!({"phase": "Accepted", "acceptedTimestamp": now()}),
+        );
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("pod lookup");
+            assert!(
+                req.uri().path().ends_with("/pods/ferry-b1-x"),
+                "{}",
+                req.uri()
+            );
+            send.send_response(
+                Response::builder()
+                    .status(404)
+                    .body(Body::from(
+                        serde_json::to_vec(
+                            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "not found", "reason": "NotFound", "code": 404}),
+                        )
+                        .expect("json"),
+                    ))
+                    .expect("response"),
+            );
+            let (req, send) = handle.next_request().await.expect("quorum read");
+            assert_eq!(req.method(), http::Method::GET);
+            assert!(req.uri().path().ends_with("/datauploads/b1-x"));
+            let mut newer =
+                serde_json::to_value(du("ferry", json!({"phase": "Completed"}))).expect("json");
+            newer["metadata"]["resourceVersion"] = json!("9");
+            send.send_response(ok(newer));
+            // Nothing else: no snapshot clone, PVC or pod from the stale entry.
+            assert!(!matches!(
+                tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await,
+                Ok(Some(_))
+            ));
+        });
+        let action = reconcile(Arc::new(cr), ctx).await.expect("reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_millis(200)));
         server.await.expect("server");
     }
 }

@@ -14,7 +14,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::runtime::controller::Action;
 use serde_json::json;
@@ -314,7 +314,17 @@ impl Flow for DataUpload {
         let ns = self.namespace().unwrap_or_default();
         let sel = objects::owner_selector(self);
         let mut left = delete_pods_and_pvcs(ctx, self).await?;
-        left += objects::delete_selected(&vs_api(&ctx.client, &ns), &sel).await?;
+        let vss = vs_api(&ctx.client, &ns);
+        left += objects::delete_selected(&vss, &sel).await?;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        if pvcs
+            .list(&ListParams::default().labels(&sel))
+            .await?
+            .items
+            .is_empty()
+        {
+            objects::release_source_protection(&vss, &sel).await?;
+        }
         left += objects::delete_selected(&vsc_api(&ctx.client), &sel).await?;
         // A source snapshot never taken over (failure before the clone) is ours to release too.
         if let Some(csi) = &self.spec.csi_snapshot

@@ -141,8 +141,14 @@ impl Shared {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
+        thread_local! {
+            /// Each reader thread's chunking buffer, reused across files.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let mut ids = Vec::new();
-        self.chunker.chunk_stream(
+        let mut buf = BUF.with_borrow_mut(std::mem::take);
+        let r = self.chunker.chunk_stream_in(
+            &mut buf,
             f,
             |chunk| {
                 self.progress.check()?;
@@ -157,7 +163,9 @@ impl Shared {
                 Ok(())
             },
             |e| Error::io(path, e),
-        )?;
+        );
+        BUF.with_borrow_mut(|b| *b = buf);
+        r?;
         Ok(ids)
     }
 
@@ -326,6 +334,20 @@ fn ready(content: Vec<BlobId>) -> cb::Receiver<Result<Vec<BlobId>>> {
 }
 
 /// Sums sizes ahead of the backup so progress has totals.
+/// Starts counting the files and bytes under `path` for progress totals, on a thread of its own, unless
+/// already started for `progress`. Callers start it before opening the repository: the scan then runs on
+/// the other core while the password's key derivation (Argon2id) runs, and leaves the inode cache warm for
+/// the backup's own walk.
+pub fn start_scan(path: &Path, block: bool, progress: &Arc<Progress>) {
+    if !progress.claim_scan() {
+        return;
+    }
+    let (p, progress) = (path.to_path_buf(), progress.clone());
+    let _ = std::thread::Builder::new()
+        .name("ferry-scan".into())
+        .spawn(move || scan_totals(&p, block, &progress));
+}
+
 fn scan_totals(path: &Path, block: bool, progress: &Progress) {
     if block {
         if let Ok(mut f) = std::fs::File::open(path)
@@ -430,11 +452,7 @@ pub async fn backup(
         std::thread::Builder::new()
             .name("ferry-walk".into())
             .spawn(move || -> Result<(BlobId, WalkStats)> {
-                {
-                    let progress = shared.progress.clone();
-                    let (p, b) = (path.clone(), opts.block_device);
-                    std::thread::spawn(move || scan_totals(&p, b, &progress));
-                }
+                start_scan(&path, opts.block_device, &shared.progress);
                 let (blob_tx, blob_rx) = cb::bounded::<NewBlob>(opts.workers.max(1) * 2);
                 let (job_tx, job_rx) = cb::bounded::<FileJob>(256);
                 let packers = Arc::new([

@@ -125,12 +125,26 @@ impl Chunker {
     /// the whole stream (compacted in place); each chunk is handed out as its own exact-size copy.
     pub fn chunk_stream<R: Read, E>(
         &self,
+        r: R,
+        f: impl FnMut(Bytes) -> Result<(), E>,
+        on_io: impl FnMut(std::io::Error) -> E,
+    ) -> Result<(), E> {
+        self.chunk_stream_in(&mut Vec::new(), r, f, on_io)
+    }
+
+    /// [`Chunker::chunk_stream`] with a caller-owned read buffer, so a thread chunking many files allocates
+    /// (and zeroes) it once instead of once per file.
+    pub fn chunk_stream_in<R: Read, E>(
+        &self,
+        buf: &mut Vec<u8>,
         mut r: R,
         mut f: impl FnMut(Bytes) -> Result<(), E>,
         mut on_io: impl FnMut(std::io::Error) -> E,
     ) -> Result<(), E> {
         const READ: usize = 1 << 20;
-        let mut buf = vec![0u8; self.max + READ];
+        if buf.len() < self.max + READ {
+            buf.resize(self.max + READ, 0);
+        }
         let (mut start, mut end, mut eof) = (0usize, 0usize, false);
         loop {
             while !eof && end - start < self.max {

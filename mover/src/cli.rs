@@ -390,6 +390,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             host,
             uploads,
         } => {
+            let progress = Arc::new(Progress::default());
+            ferry_mover::backup::start_scan(&path, block_device, &progress);
             let repo = ctx.open().await?;
             let mut opts = BackupOptions::new(path);
             opts.block_device = block_device;
@@ -402,7 +404,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.hostname = host;
             let remote = matches!(ctx.location()?, Location::S3 { .. });
             opts.uploads = uploads.unwrap_or(if remote { 4 } else { 2 });
-            let r = backup(&ctx, repo, opts).await?;
+            let r = backup(&ctx, repo, opts, progress).await?;
             if ctx.global.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -532,8 +534,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// Backs up and returns the result document.
-pub async fn backup(ctx: &Ctx, repo: Arc<Repository>, opts: BackupOptions) -> Result<BackupResult> {
-    let progress = Arc::new(Progress::default());
+pub async fn backup(
+    ctx: &Ctx,
+    repo: Arc<Repository>,
+    opts: BackupOptions,
+    progress: Arc<Progress>,
+) -> Result<BackupResult> {
     let out = ctx
         .with_progress(
             "backup",

@@ -306,8 +306,10 @@ async fn backup(
     path: Option<PathBuf>,
     progress: Arc<Progress>,
 ) -> Result<Outcome> {
+    let source = volume_path(pod, path);
+    ferry_mover::backup::start_scan(&source, pod.block, &progress);
     let repo = open_or_init(ctx).await?;
-    let mut opts = BackupOptions::new(volume_path(pod, path));
+    let mut opts = BackupOptions::new(source);
     opts.block_device = pod.block;
     opts.tags = tags.iter().cloned().collect::<BTreeMap<_, _>>();
     opts.tags

@@ -27,6 +27,7 @@ pub struct Progress {
     phase: AtomicU8,
     canceled: AtomicBool,
     totals_known: AtomicBool,
+    scan_started: AtomicBool,
     /// Files expected in total (valid once totals are known).
     pub files_total: AtomicU64,
     /// Bytes expected in total (valid once totals are known).
@@ -48,6 +49,7 @@ impl Default for Progress {
             phase: AtomicU8::new(0),
             canceled: AtomicBool::new(false),
             totals_known: AtomicBool::new(false),
+            scan_started: AtomicBool::new(false),
             files_total: AtomicU64::new(0),
             bytes_total: AtomicU64::new(0),
             files_done: AtomicU64::new(0),
@@ -105,6 +107,11 @@ impl Progress {
     /// Sets the phase.
     pub fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Relaxed);
+    }
+
+    /// Claims the totals scan: true for the first caller only.
+    pub fn claim_scan(&self) -> bool {
+        !self.scan_started.swap(true, Relaxed)
     }
 
     /// Sets final totals.
