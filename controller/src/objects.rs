@@ -445,3 +445,67 @@ pub fn pv_nodes(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Option<Vec
     }
     (!out.is_empty()).then_some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+
+    fn vs(name: &str, deleting: bool, finalizers: &[&str]) -> serde_json::Value {
+        let mut m = json!({"name": name, "namespace": "velero", "resourceVersion": "42",
+            "finalizers": finalizers});
+        if deleting {
+            m["deletionTimestamp"] = json!("2026-11-21T22:27:16Z");
+        }
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot", "metadata": m})
+    }
+
+    #[tokio::test]
+    async fn releases_only_the_orphaned_provisioner_finalizer() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "velero");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("list");
+            assert_eq!(req.method(), http::Method::GET);
+            let list = json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotList",
+            "metadata": {}, "items": [
+                vs("stuck", true, &["a/b", PROVISIONER_SOURCE_FINALIZER]),
+                vs("alive", false, &[PROVISIONER_SOURCE_FINALIZER]),
+                vs("plain", true, &["a/b"]),
+            ]});
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&list).expect("json")))
+                    .expect("response"),
+            );
+            let (req, send) = handle.next_request().await.expect("patch");
+            assert_eq!(req.method(), http::Method::PATCH);
+            assert!(req.uri().path().ends_with("/volumesnapshots/stuck"));
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            let sent: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(sent["metadata"]["finalizers"], json!(["a/b"]));
+            assert_eq!(sent["metadata"]["resourceVersion"], "42");
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(
+                        serde_json::to_vec(&vs("stuck", true, &["a/b"])).expect("json"),
+                    ))
+                    .expect("response"),
+            );
+            assert!(!matches!(
+                tokio::time::timeout(std::time::Duration::from_millis(100), handle.next_request())
+                    .await,
+                Ok(Some(_))
+            ));
+        });
+        release_source_protection(&vs_api(&client, "velero"), "x=y")
+            .await
+            .expect("release");
+        server.await.expect("server");
+    }
+}
