@@ -202,13 +202,16 @@ fn same_file(parent: &Node, now: &Node) -> bool {
         && parent.mtime_nsec == now.mtime_nsec
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<OsString>> {
-    let mut names = Vec::new();
+/// The entries of `dir` sorted by name, each with its lstat metadata, taken relative to the open
+/// directory (no path walk per entry).
+fn sorted_entries(dir: &Path) -> Result<Vec<(OsString, std::io::Result<std::fs::Metadata>)>> {
+    let mut entries = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        names.push(e.map_err(|e| Error::io(dir, e))?.file_name());
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        entries.push((e.file_name(), e.metadata()));
     }
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    Ok(names)
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(entries)
 }
 
 impl Walker<'_> {
@@ -241,9 +244,9 @@ impl Walker<'_> {
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         let mut subdirs = Vec::new();
-        for name in sorted_entries(dir)? {
+        for (name, meta) in sorted_entries(dir)? {
             let path = dir.join(&name);
-            let meta = match std::fs::symlink_metadata(&path) {
+            let meta = match meta {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished since readdir
                 Err(e) => return Err(Error::io(&path, e)),

@@ -94,6 +94,17 @@ impl Keys {
         seal_with(&self.enc, kind, plaintext)
     }
 
+    /// Encrypts the plaintext that `fill` appends to the buffer it is given, in place: no copy of the
+    /// plaintext is made. `capacity` is the most `fill` will append.
+    pub fn seal_filled(
+        &self,
+        kind: Kind,
+        capacity: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Vec<u8>> {
+        seal_filled_with(&self.enc, kind, capacity, fill)
+    }
+
     /// Decrypts and authenticates an envelope.
     pub fn open(&self, kind: Kind, envelope: &[u8]) -> Result<Vec<u8>> {
         open_with(&self.enc, kind, envelope)
@@ -120,13 +131,25 @@ fn object_key(key: &[u8; 32], salt: &[u8]) -> LessSafeKey {
 
 /// Encrypts `plaintext` with `key` into an envelope.
 pub fn seal_with(key: &[u8; 32], kind: Kind, plaintext: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(plaintext.len() + ENVELOPE_OVERHEAD);
+    seal_filled_with(key, kind, plaintext.len(), |out| {
+        out.extend_from_slice(plaintext)
+    })
+}
+
+/// Encrypts, in place, the plaintext `fill` appends (at most `capacity` bytes) into an envelope.
+fn seal_filled_with(
+    key: &[u8; 32],
+    kind: Kind,
+    capacity: usize,
+    fill: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(capacity + ENVELOPE_OVERHEAD);
     out.push(ENVELOPE_VERSION);
     let mut salt = [0u8; SALT_LEN];
     fill_random(&mut salt)?;
     out.extend_from_slice(&salt);
     let start = out.len();
-    out.extend_from_slice(plaintext);
+    fill(&mut out);
     let tag = object_key(key, &salt)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0; 12]),

@@ -78,25 +78,42 @@ fn looks_compressible(data: &[u8]) -> bool {
 
 /// Compresses (when worth it) and encrypts a blob or metadata object.
 pub fn encode(keys: &Keys, kind: Kind, plaintext: &[u8], try_compress: bool) -> Result<Vec<u8>> {
-    let mut body = Vec::with_capacity(plaintext.len() + 1);
-    if try_compress && looks_compressible(plaintext) {
-        let c = lz4_flex::compress_prepend_size(plaintext);
-        if c.len() + plaintext.len() / 64 < plaintext.len() {
-            body.push(COMPRESS_LZ4);
-            body.extend_from_slice(&c);
-            return keys.seal(kind, &body);
-        }
+    let raw = |body: &mut Vec<u8>| {
+        body.push(COMPRESS_NONE);
+        body.extend_from_slice(plaintext);
+    };
+    if !(try_compress && looks_compressible(plaintext)) {
+        return keys.seal_filled(kind, plaintext.len() + 1, raw);
     }
-    body.push(COMPRESS_NONE);
-    body.extend_from_slice(plaintext);
-    keys.seal(kind, &body)
+    // Compress straight into the envelope (flag, u32 length, LZ4 block); keep it raw when that does not
+    // save at least 1/64.
+    let max = lz4_flex::block::get_maximum_output_size(plaintext.len());
+    keys.seal_filled(kind, (1 + 4 + max).max(plaintext.len() + 1), |body| {
+        let start = body.len();
+        body.push(COMPRESS_LZ4);
+        body.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
+        let at = body.len();
+        body.resize(at + max, 0);
+        match lz4_flex::block::compress_into(plaintext, &mut body[at..]) {
+            Ok(n) if n + plaintext.len() / 64 < plaintext.len() => body.truncate(at + n),
+            _ => {
+                body.truncate(start);
+                raw(body);
+            }
+        }
+    })
 }
 
 /// Decrypts and decompresses an object made by [`encode`].
 pub fn decode(keys: &Keys, kind: Kind, stored: &[u8]) -> Result<Vec<u8>> {
-    let body = keys.open(kind, stored)?;
+    let mut body = keys.open(kind, stored)?;
     match body.first() {
-        Some(&COMPRESS_NONE) => Ok(body[1..].to_vec()),
+        Some(&COMPRESS_NONE) => {
+            // Drop the flag byte in place rather than copying the rest into a new allocation.
+            body.copy_within(1.., 0);
+            body.truncate(body.len() - 1);
+            Ok(body)
+        }
         Some(&COMPRESS_LZ4) => lz4_flex::decompress_size_prepended(&body[1..])
             .map_err(|e| Error::Integrity(format!("{kind:?} object does not decompress: {e}"))),
         other => Err(Error::Format(format!(
