@@ -271,9 +271,6 @@ impl Flow for DataDownload {
         if self.mover_config("WriteSparseFiles") == Some("true") {
             args.push("--sparse".into());
         }
-        if block {
-            args.push("--block".into());
-        }
         Ok(Exposed::Ready {
             pvc: name,
             block,

@@ -74,7 +74,7 @@ pub struct PodPlan {
     pub repo: RepoTarget,
     /// Password Secret name (key `password`).
     pub password_secret: String,
-    /// Mover arguments after `pod backup|restore`.
+    /// Mover arguments after `pod backup|restore` (`--block` is added from `block`).
     pub args: Vec<String>,
 }
 
@@ -104,6 +104,9 @@ fn field_env(name: &str, path: &str) -> EnvVar {
 pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
     let mut args = vec!["pod".to_string(), plan.op.clone()];
     args.extend(plan.args.iter().cloned());
+    if plan.block {
+        args.push("--block".into());
+    }
     args.push(format!("--report-interval={}", cfg.report_interval_seconds));
     let mut env = vec![
         env("FERRY_REPO", &plan.repo.url),

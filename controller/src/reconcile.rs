@@ -37,7 +37,7 @@ pub enum Exposed {
         block: bool,
         /// Allowed nodes.
         nodes: Vec<String>,
-        /// Mover arguments after `pod backup|restore`.
+        /// Mover arguments after `pod backup|restore` (the pod adds `--block` itself).
         args: Vec<String>,
     },
     /// Cannot work; fail with this message.
@@ -582,6 +582,16 @@ mod tests {
             .expect("response")
     }
 
+    /// An API error response (`Status`) with `code` and `reason`.
+    fn failure(code: u16, reason: &str) -> Response<Body> {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": reason, "reason": reason, "code": code});
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&status).expect("json")))
+            .expect("response")
+    }
+
     fn empty_list(kind: &str) -> serde_json::Value {
         json!({"apiVersion": "velero.io/v2alpha1", "kind": kind, "metadata": {}, "items": []})
     }
@@ -671,18 +681,7 @@ mod tests {
         cr.spec.cancel = Some(true);
         let server = tokio::spawn(async move {
             let (_req, send) = handle.next_request().await.expect("replace request");
-            send.send_response(
-                Response::builder()
-                    .status(409)
-                    .body(Body::from(
-                        serde_json::to_vec(
-                            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                            "message": "conflict", "reason": "Conflict", "code": 409}),
-                        )
-                        .expect("json"),
-                    ))
-                    .expect("response"),
-            );
+            send.send_response(failure(409, "Conflict"));
         });
         let err = reconcile(Arc::new(cr), ctx).await.expect_err("conflict");
         assert!(err.is_conflict(), "{err}");
@@ -703,18 +702,7 @@ mod tests {
                 "{}",
                 req.uri()
             );
-            send.send_response(
-                Response::builder()
-                    .status(404)
-                    .body(Body::from(
-                        serde_json::to_vec(
-                            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                            "message": "not found", "reason": "NotFound", "code": 404}),
-                        )
-                        .expect("json"),
-                    ))
-                    .expect("response"),
-            );
+            send.send_response(failure(404, "NotFound"));
             let (req, send) = handle.next_request().await.expect("quorum read");
             assert_eq!(req.method(), http::Method::GET);
             assert!(req.uri().path().ends_with("/datauploads/b1-x"));

@@ -253,9 +253,6 @@ impl Flow for DataUpload {
                 args.push(format!("--tag={tag}={v}"));
             }
         }
-        if block {
-            args.push("--block".into());
-        }
         Ok(Exposed::Ready {
             pvc: name,
             block,

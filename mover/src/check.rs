@@ -13,7 +13,7 @@ use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::id::{BlobId, PackId};
+use crate::id::PackId;
 use crate::pack::{self, BlobKind};
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
@@ -112,42 +112,33 @@ pub async fn check(
         }
     };
     r.snapshots = snaps.len();
-    let mut seen: HashSet<BlobId> = HashSet::new();
-    for (sid, snap) in &snaps {
-        let mut stack = vec![snap.tree];
-        while let Some(t) = stack.pop() {
-            if !seen.insert(t) {
-                continue;
-            }
-            progress.check()?;
-            let tree = match repo.read_tree(&t).await {
-                Ok(t) => t,
+    let errors = &mut r.errors;
+    let seen = repo
+        .walk_trees(&snaps, &progress, |sid, t, tree| {
+            let tree = match tree {
+                Ok(tree) => tree,
                 Err(e) => {
-                    r.errors
-                        .push(format!("snapshot {}: tree {}: {e}", sid.short(), t.short()));
-                    continue;
+                    errors.push(format!("snapshot {}: tree {}: {e}", sid.short(), t.short()));
+                    return Ok(());
                 }
             };
             for n in &tree.nodes {
-                match &n.kind {
-                    NodeKind::Dir { subtree } => stack.push(*subtree),
-                    NodeKind::File { content } => {
-                        for c in content {
-                            if index.get(c).map(|l| l.kind) != Some(BlobKind::Data) {
-                                r.errors.push(format!(
-                                    "snapshot {}: file {:?}: chunk {} is not in the index",
-                                    sid.short(),
-                                    n.display_name(),
-                                    c.short()
-                                ));
-                            }
+                if let NodeKind::File { content } = &n.kind {
+                    for c in content {
+                        if index.get(c).map(|l| l.kind) != Some(BlobKind::Data) {
+                            errors.push(format!(
+                                "snapshot {}: file {:?}: chunk {} is not in the index",
+                                sid.short(),
+                                n.display_name(),
+                                c.short()
+                            ));
                         }
                     }
-                    _ => {}
                 }
             }
-        }
-    }
+            Ok(())
+        })
+        .await?;
     r.trees = seen.len();
 
     if read_data {

@@ -112,23 +112,18 @@ async fn load_state(repo: &Repository) -> Result<PruneState> {
 /// Every blob (data and tree) some snapshot references.
 async fn referenced(repo: &Repository, progress: &Progress) -> Result<(usize, HashSet<BlobId>)> {
     let snaps = repo.snapshots().await?;
-    let mut seen: HashSet<BlobId> = HashSet::new();
-    for (_, snap) in &snaps {
-        let mut stack = vec![snap.tree];
-        while let Some(t) = stack.pop() {
-            if !seen.insert(t) {
-                continue;
-            }
-            progress.check()?;
-            for n in repo.read_tree(&t).await?.nodes {
-                match n.kind {
-                    NodeKind::Dir { subtree } => stack.push(subtree),
-                    NodeKind::File { content } => seen.extend(content),
-                    _ => {}
+    let mut data: HashSet<BlobId> = HashSet::new();
+    let mut seen = repo
+        .walk_trees(&snaps, progress, |_, _, tree| {
+            for n in &tree?.nodes {
+                if let NodeKind::File { content } = &n.kind {
+                    data.extend(content.iter().copied());
                 }
             }
-        }
-    }
+            Ok(())
+        })
+        .await?;
+    seen.extend(data);
     Ok((snaps.len(), seen))
 }
 

@@ -501,4 +501,36 @@ impl Repository {
     pub async fn read_tree(&self, id: &BlobId) -> Result<Tree> {
         Tree::from_bytes(&self.read_blob(BlobKind::Tree, id).await?)
     }
+
+    /// Visits every tree reachable from `snaps` once, depth first, with the snapshot it was first reached
+    /// from. `visit` gets the tree or the error reading it, and may end the walk by returning an error.
+    /// Returns the ids of the trees visited.
+    pub async fn walk_trees(
+        &self,
+        snaps: &[(SnapshotId, Snapshot)],
+        progress: &crate::progress::Progress,
+        mut visit: impl FnMut(&SnapshotId, &BlobId, Result<&Tree>) -> Result<()>,
+    ) -> Result<HashSet<BlobId>> {
+        let mut seen = HashSet::new();
+        for (sid, snap) in snaps {
+            let mut stack = vec![snap.tree];
+            while let Some(t) = stack.pop() {
+                if !seen.insert(t) {
+                    continue;
+                }
+                progress.check()?;
+                match self.read_tree(&t).await {
+                    Ok(tree) => {
+                        stack.extend(tree.nodes.iter().filter_map(|n| match &n.kind {
+                            crate::tree::NodeKind::Dir { subtree } => Some(*subtree),
+                            _ => None,
+                        }));
+                        visit(sid, &t, Ok(&tree))?;
+                    }
+                    Err(e) => visit(sid, &t, Err(e))?,
+                }
+            }
+        }
+        Ok(seen)
+    }
 }
