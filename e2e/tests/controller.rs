@@ -621,3 +621,152 @@ fn block_volume_and_wait_for_first_consumer() {
         Ok(())
     });
 }
+
+/// A second S3 server on the cluster's S3 data, over HTTPS with a certificate from a throwaway CA.
+struct TlsS3 {
+    child: std::process::Child,
+    endpoint: String,
+    ca_pem: String,
+    _dir: std::path::PathBuf,
+}
+
+impl Drop for TlsS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+impl TlsS3 {
+    fn start(c: &Cluster) -> Result<TlsS3> {
+        let plain = &c.s3["FERRY_S3_ENDPOINT"];
+        let host = plain
+            .trim_start_matches("http://")
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ferry e2e CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec![host.clone()])?.signed_by(&key, &ca)?;
+        let dir = std::env::temp_dir().join(format!("ferry-e2e-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cert.pem"), cert.pem())?;
+        std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
+        let port = std::net::TcpListener::bind((host.as_str(), 0))?
+            .local_addr()?
+            .port();
+        let log = std::fs::File::create(dir.join("versitygw.log"))?;
+        let child = std::process::Command::new(c.bin.join("versitygw"))
+            .args(["--port", &format!("{host}:{port}")])
+            .args(["--access", &c.s3["AWS_ACCESS_KEY_ID"]])
+            .args(["--secret", &c.s3["AWS_SECRET_ACCESS_KEY"]])
+            .args(["--region", "us-east-1", "--cert"])
+            .arg(dir.join("cert.pem"))
+            .arg("--key")
+            .arg(dir.join("key.pem"))
+            .arg("posix")
+            .arg(c.home.join("s3"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let s = TlsS3 {
+            child,
+            endpoint: format!("https://{host}:{port}"),
+            ca_pem: ca.pem(),
+            _dir: dir,
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect((host.as_str(), port)).is_err() {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "TLS versitygw did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(s)
+    }
+}
+
+/// A BackupStorageLocation whose S3 endpoint speaks HTTPS with a private CA: without the CA the DU fails
+/// with a message naming caCert; with `caCert` (inline), with `caCertRef` (a Secret key) and with
+/// `insecureSkipTLSVerify` it completes.
+#[test]
+fn tls_endpoint_with_private_ca() {
+    use base64::Engine as _;
+    let c = setup();
+    let image = c.var("FERRY_TEST_IMAGE").to_string();
+    let t = TestNs::new(&c, "e2e-tls").expect("namespace");
+    t.run(&logs(), |t| -> Result<()> {
+        let s3 = TlsS3::start(&c)?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&s3.ca_pem);
+        let mut yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ferry-e2e-ca\n  namespace: {VELERO_NS}\nstringData:\n  \
+             bundle.pem: {:?}\n",
+            s3.ca_pem
+        );
+        let cases = [
+            ("none", String::new(), String::new()),
+            ("ca", format!("    caCert: {b64}\n"), String::new()),
+            (
+                "ref",
+                "    caCertRef:\n      name: ferry-e2e-ca\n      key: bundle.pem\n".to_string(),
+                String::new(),
+            ),
+            ("insecure", String::new(), "    insecureSkipTLSVerify: \"true\"\n".to_string()),
+        ];
+        for (name, storage, config) in &cases {
+            yaml += &format!(
+                "---\napiVersion: velero.io/v1\nkind: BackupStorageLocation\nmetadata:\n  name: {}-tls-{name}\n  \
+                 namespace: {VELERO_NS}\nspec:\n  provider: aws\n  objectStorage:\n    bucket: {}\n    prefix: e2e-tls\n\
+                 {storage}  credential:\n    name: ferry-e2e-s3\n    key: cloud\n  config:\n    region: us-east-1\n    \
+                 s3ForcePathStyle: \"true\"\n    s3Url: {}\n{config}",
+                t.ns, c.s3["FERRY_S3_BUCKET"], s3.endpoint
+            );
+        }
+        c.apply(&yaml)?;
+        volume_with_snapshot(t, &image, 4, "tls-none")?;
+        for (name, _, _) in &cases[1..] {
+            t.apply(&snapshot(&format!("tls-{name}"), "data"))?;
+        }
+        for (name, _, _) in &cases[1..] {
+            t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
+                Ok(t.jsonpath(&format!("volumesnapshot/tls-{name}"), "{.status.readyToUse}") == "true")
+            })?;
+        }
+        let mut dus = Vec::new();
+        for (name, _, _) in &cases {
+            let du = format!("{}-{name}", t.ns);
+            let bsl = format!("{}-tls-{name}", t.ns);
+            c.apply(&data_upload(&du, &t.ns, "data", &format!("tls-{name}"), "ferry", &bsl))?;
+            dus.push((name, du));
+        }
+        for (name, du) in &dus {
+            let (phase, msg, _) = wait_terminal(&c, "dataupload", du, Duration::from_secs(300))?;
+            eprintln!("TLS case {name}: {phase}: {msg}");
+            if **name == "none" {
+                ensure!(
+                    phase == "Failed" && msg.contains("caCert"),
+                    "untrusted endpoint: {phase}: {msg}"
+                );
+            } else {
+                ensure!(phase == "Completed", "TLS case {name} ended {phase}: {msg}");
+            }
+            assert_cleaned_up(&c, "dataupload", du)?;
+        }
+        for (name, du) in &dus {
+            delete_cr(&c, "dataupload", du);
+            let _ = c.kubectl_output(&["-n", VELERO_NS, "delete", "backupstoragelocation", &format!("{}-tls-{name}", t.ns)]);
+        }
+        let _ = c.kubectl_output(&["-n", VELERO_NS, "delete", "secret", "ferry-e2e-ca"]);
+        drop(s3);
+        Ok(())
+    });
+}
