@@ -6,7 +6,7 @@
 //! its header compared with the index. Packs that no index names (left by an interrupted backup) are
 //! reported but are not errors.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
@@ -57,22 +57,12 @@ pub async fn check(
         ..Default::default()
     };
     progress.set_phase(Phase::Running);
-    let listed: HashMap<PackId, u64> = repo
-        .backend()
-        .list("data/")
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            let name = o.key.rsplit('/').next().unwrap_or_default();
-            match PackId::from_hex(name) {
-                Ok(id) if id.key() == o.key => Some((id, o.size)),
-                _ => {
-                    r.warnings.push(format!("unexpected object {}", o.key));
-                    None
-                }
-            }
-        })
-        .collect();
+    let (listed, unexpected) = repo.list_packs().await?;
+    r.warnings.extend(
+        unexpected
+            .into_iter()
+            .map(|k| format!("unexpected object {k}")),
+    );
     r.packs = listed.len();
 
     let index = match repo.load_index().await {

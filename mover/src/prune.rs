@@ -135,16 +135,7 @@ pub async fn prune(
 ) -> Result<PruneReport> {
     let (snapshots, used) = referenced(&repo, &progress).await?;
     let segments = repo.index_segments().await?;
-    let listed: HashMap<PackId, u64> = repo
-        .backend()
-        .list("data/")
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            let id = PackId::from_hex(o.key.rsplit('/').next()?).ok()?;
-            (id.key() == o.key).then_some((id, o.size))
-        })
-        .collect();
+    let (listed, _) = repo.list_packs().await?;
     // Per pack: does any snapshot use it, and does it hold blobs none uses?
     let mut in_use: HashSet<PackId> = HashSet::new();
     let mut wasteful: HashSet<PackId> = HashSet::new();

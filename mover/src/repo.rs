@@ -16,7 +16,7 @@ use crate::cache::Cache;
 use crate::chunker::ChunkerParams;
 use crate::crypto::{self, KdfParams, Keys, Kind};
 use crate::error::{Error, Result};
-use crate::id::{BlobId, IndexId, SnapshotId, storage_hash};
+use crate::id::{BlobId, IndexId, PackId, SnapshotId, storage_hash};
 use crate::index::{Index, IndexSegment};
 use crate::pack::{self, BlobKind};
 use crate::snapshot::Snapshot;
@@ -500,6 +500,23 @@ impl Repository {
     /// Reads a tree.
     pub async fn read_tree(&self, id: &BlobId) -> Result<Tree> {
         Tree::from_bytes(&self.read_blob(BlobKind::Tree, id).await?)
+    }
+
+    /// The pack files in storage with their sizes, and the keys under `data/` that are not pack names.
+    pub async fn list_packs(
+        &self,
+    ) -> Result<(std::collections::HashMap<PackId, u64>, Vec<String>)> {
+        let mut packs = std::collections::HashMap::new();
+        let mut unexpected = Vec::new();
+        for o in self.backend().list("data/").await? {
+            match PackId::from_hex(o.key.rsplit('/').next().unwrap_or_default()) {
+                Ok(id) if id.key() == o.key => {
+                    packs.insert(id, o.size);
+                }
+                _ => unexpected.push(o.key),
+            }
+        }
+        Ok((packs, unexpected))
     }
 
     /// Visits every tree reachable from `snaps` once, depth first, with the snapshot it was first reached
