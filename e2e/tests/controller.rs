@@ -56,6 +56,18 @@ fn snapshot(name: &str, pvc: &str) -> String {
     )
 }
 
+/// Takes VolumeSnapshots `names` of `pvc` and waits until all are ready to use.
+fn take_snapshots(t: &TestNs, pvc: &str, names: &[&str]) -> Result<()> {
+    for name in names {
+        t.apply(&snapshot(name, pvc))?;
+    }
+    t.wait("VolumeSnapshots ready", Duration::from_secs(120), || {
+        Ok(names
+            .iter()
+            .all(|n| t.jsonpath(&format!("volumesnapshot/{n}"), "{.status.readyToUse}") == "true"))
+    })
+}
+
 /// Content and metadata of every entry under /data (the root itself excluded), one line each.
 const MANIFEST: &str = "cd /data && find . -mindepth 1 ! -name lost+found | sort | while read f; do \
     if [ -L \"$f\" ]; then echo \"$f link $(readlink \"$f\")\"; \
@@ -89,10 +101,7 @@ fn volume_with_snapshot(t: &TestNs, image: &str, mb: usize, snap: &str) -> Resul
         manifest.contains("hello.txt"),
         "writer printed no manifest: {manifest}"
     );
-    t.apply(&snapshot(snap, "data"))?;
-    t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
-        Ok(t.jsonpath(&format!("volumesnapshot/{snap}"), "{.status.readyToUse}") == "true")
-    })?;
+    take_snapshots(t, "data", &[snap])?;
     Ok(manifest)
 }
 
@@ -212,10 +221,7 @@ fn backup_restore_and_incremental() {
         // Incremental: change one small file, back up again.
         t.apply(&script_pod("mutator", &image, "echo changed >> /data/dir/numbers.txt", Some("data"), &[]))?;
         t.wait_pod_succeeded("mutator", Duration::from_secs(120))?;
-        t.apply(&snapshot("snap2", "data"))?;
-        t.wait("VolumeSnapshot 2 ready", Duration::from_secs(120), || {
-            Ok(t.jsonpath("volumesnapshot/snap2", "{.status.readyToUse}") == "true")
-        })?;
+        take_snapshots(t, "data", &["snap2"])?;
         let du2 = format!("{}-b2", t.ns);
         c.apply(&data_upload(&du2, &t.ns, "data", "snap2", "ferry", BSL))?;
         let (phase, msg, _) = wait_terminal(&c, "dataupload", &du2, Duration::from_secs(300))?;
@@ -312,10 +318,7 @@ fn cancel_and_deleted_pod() {
     let t = TestNs::new(&c, "e2e-cancel").expect("namespace");
     t.run(&logs(), |t| -> Result<()> {
         volume_with_snapshot(t, &image, 768, "snap1")?;
-        t.apply(&snapshot("snap2", "data"))?;
-        t.wait("VolumeSnapshot 2 ready", Duration::from_secs(120), || {
-            Ok(t.jsonpath("volumesnapshot/snap2", "{.status.readyToUse}") == "true")
-        })?;
+        take_snapshots(t, "data", &["snap2"])?;
         let du = format!("{}-c1", t.ns);
         c.apply(&data_upload(&du, &t.ns, "data", "snap1", "ferry", BSL))?;
         let (p, _) = wait_phase(
@@ -382,10 +385,7 @@ fn cancel_and_deleted_pod() {
             &[],
         ))?;
         t.wait_pod_succeeded("rewriter", Duration::from_secs(180))?;
-        t.apply(&snapshot("snap3", "data"))?;
-        t.wait("VolumeSnapshot 3 ready", Duration::from_secs(120), || {
-            Ok(t.jsonpath("volumesnapshot/snap3", "{.status.readyToUse}") == "true")
-        })?;
+        take_snapshots(t, "data", &["snap3"])?;
         let du3 = format!("{}-c3", t.ns);
         c.apply(&data_upload(&du3, &t.ns, "data", "snap3", "ferry", BSL))?;
         let (p, _) = wait_phase(
@@ -432,14 +432,7 @@ fn concurrent_limit_and_controller_restart() {
     let t = TestNs::new(&c, "e2e-many").expect("namespace");
     t.run(&logs(), |t| -> Result<()> {
         volume_with_snapshot(t, &image, 32, "s0")?;
-        for i in 1..3 {
-            t.apply(&snapshot(&format!("s{i}"), "data"))?;
-        }
-        t.wait("snapshots ready", Duration::from_secs(120), || {
-            Ok((1..3).all(|i| {
-                t.jsonpath(&format!("volumesnapshot/s{i}"), "{.status.readyToUse}") == "true"
-            }))
-        })?;
+        take_snapshots(t, "data", &["s1", "s2"])?;
         let names: Vec<String> = (0..3).map(|i| format!("{}-m{i}", t.ns)).collect();
         for (i, n) in names.iter().enumerate() {
             c.apply(&data_upload(
@@ -583,10 +576,7 @@ fn block_volume_and_wait_for_first_consumer() {
         t.wait_pod_succeeded("writer", Duration::from_secs(180))?;
         let sum = t.logs("writer").trim().to_string();
         ensure!(sum.len() == 32, "writer printed no checksum: {sum:?}");
-        t.apply(&snapshot("bsnap", "raw"))?;
-        t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
-            Ok(t.jsonpath("volumesnapshot/bsnap", "{.status.readyToUse}") == "true")
-        })?;
+        take_snapshots(t, "raw", &["bsnap"])?;
 
         let du = format!("{}-b", t.ns);
         c.apply(&data_upload(&du, &t.ns, "raw", "bsnap", "ferry", BSL))?;
@@ -733,14 +723,8 @@ fn tls_endpoint_with_private_ca() {
         }
         c.apply(&yaml)?;
         volume_with_snapshot(t, &image, 4, "tls-none")?;
-        for (name, _, _) in &cases[1..] {
-            t.apply(&snapshot(&format!("tls-{name}"), "data"))?;
-        }
-        for (name, _, _) in &cases[1..] {
-            t.wait("VolumeSnapshot ready", Duration::from_secs(120), || {
-                Ok(t.jsonpath(&format!("volumesnapshot/tls-{name}"), "{.status.readyToUse}") == "true")
-            })?;
-        }
+        let snaps: Vec<String> = cases[1..].iter().map(|(n, _, _)| format!("tls-{n}")).collect();
+        take_snapshots(t, "data", &snaps.iter().map(String::as_str).collect::<Vec<_>>())?;
         let mut dus = Vec::new();
         for (name, _, _) in &cases {
             let du = format!("{}-{name}", t.ns);
