@@ -221,7 +221,7 @@ pub async fn repo_target_in(
                 .await?
                 .and_then(|s| s.data.and_then(|mut d| d.remove(&sel.key)));
             match pem {
-                Some(pem) if is_pem_certificate(&pem.0) => {
+                Some(pem) if ferry_proto::pod::holds_pem_certificate(&pem.0) => {
                     Some(CaSource::Secret(sel.name.clone(), sel.key.clone()))
                 }
                 Some(_) => {
@@ -241,7 +241,7 @@ pub async fn repo_target_in(
         (None, Some(b64)) if !b64.trim().is_empty() => {
             use base64::Engine as _;
             match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
-                Ok(pem) if is_pem_certificate(&pem) => {
+                Ok(pem) if ferry_proto::pod::holds_pem_certificate(&pem) => {
                     Some(CaSource::Pem(String::from_utf8_lossy(&pem).into_owned()))
                 }
                 _ => {
@@ -335,12 +335,6 @@ pub fn owner_args<K: Resource<DynamicType = ()>>(o: &K) -> Vec<String> {
         format!("--namespace={}", o.namespace().unwrap_or_default()),
         format!("--uid={}", o.uid().unwrap_or_default()),
     ]
-}
-
-/// Whether `bytes` hold at least one PEM certificate.
-fn is_pem_certificate(bytes: &[u8]) -> bool {
-    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
-    bytes.windows(BEGIN.len()).any(|w| w == BEGIN)
 }
 
 /// Nodes where a new mover pod may go under the per-node limit, restricted to `allowed` when given.

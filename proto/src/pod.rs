@@ -26,6 +26,12 @@ pub const CREDENTIALS_FILE: &str = "/ferry/secrets/credentials/cloud";
 /// Environment variable holding the PEM CA bundle for the S3 endpoint (the BSL's `caCert` or the Secret key
 /// named by `caCertRef`), trusted in addition to the system roots.
 pub const ENV_S3_CA_PEM: &str = "FERRY_S3_CA_PEM";
+/// Whether `bytes` hold at least one PEM certificate: what [`ENV_S3_CA_PEM`] must contain.
+pub fn holds_pem_certificate(bytes: &[u8]) -> bool {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    bytes.windows(BEGIN.len()).any(|w| w == BEGIN)
+}
+
 /// Environment variable set to `true` when the BSL says `insecureSkipTLSVerify: "true"`.
 pub const ENV_S3_INSECURE_SKIP_TLS_VERIFY: &str = "FERRY_S3_INSECURE_SKIP_TLS_VERIFY";
 /// Scratch directory (index cache).

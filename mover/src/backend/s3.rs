@@ -82,7 +82,7 @@ fn https_client_trusting(
     pem: &[u8],
 ) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
     use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
-    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+    if !ferry_proto::pod::holds_pem_certificate(pem) {
         return Err(Error::Invalid(
             "the S3 CA bundle (caCert) holds no PEM certificate".into(),
         ));
