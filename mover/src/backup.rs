@@ -13,6 +13,10 @@
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
 //! interrupted backup leaves only unreferenced packs, never a dangling reference.
 //! A file whose type, size and mtime match its entry in the parent snapshot is not read again.
+//!
+//! Against a concurrent prune, a backup holds a backup lease (`crate::lease`) from before it reads
+//! `prune/state` until its snapshot is written, reuses no data from prune's candidates, and does not commit
+//! if the lease lapsed (`design/0003-backup-deletion.md`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
@@ -32,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
+use crate::lease::{Lease, LeaseKind};
 use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
@@ -420,13 +425,29 @@ pub async fn backup(
     opts: BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome> {
-    let started = Instant::now();
-    let start_time = SystemTime::now();
     let path = std::path::absolute(&opts.path).map_err(|e| Error::io(&opts.path, e))?;
     std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+    // The lease first, naming the state generation seen so far; then the state it protects against.
+    let seen = crate::candidates::load(&repo).await?.generation;
+    let lease = Lease::acquire(repo.clone(), LeaseKind::Backup, seen).await?;
+    let r = run(repo, opts, path, &lease, progress).await;
+    lease.release().await;
+    r
+}
+
+async fn run(
+    repo: Arc<Repository>,
+    opts: BackupOptions,
+    path: PathBuf,
+    lease: &Lease,
+    progress: Arc<Progress>,
+) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let start_time = SystemTime::now();
     let path_str = path.to_string_lossy().into_owned();
     let host = opts.hostname.clone().unwrap_or_else(crate::repo::hostname);
-    let index = repo.index().await?;
+    let candidates = crate::candidates::load(&repo).await?.packs();
+    let index = Arc::new(repo.load_index_without(&candidates).await?);
     let parent = resolve_parent(&repo, &opts, &path_str, &host).await?;
     let parent_tree = match &parent {
         Some((_, s)) => Some(repo.read_tree(&s.tree).await?),
@@ -644,6 +665,7 @@ pub async fn backup(
         tags: opts.tags,
         summary,
     };
+    lease.ensure_held().await?;
     let id = repo.write_snapshot(&snapshot).await?;
     progress.set_phase(Phase::Done);
     Ok(BackupOutcome { id, snapshot })

@@ -137,13 +137,20 @@ enum Command {
         /// Grace period of the prune, in seconds (see `prune`).
         #[arg(long, default_value_t = DEFAULT_GRACE_SECONDS)]
         grace_seconds: u64,
+        /// How long the prune waits for another maintenance run to finish.
+        #[arg(long, default_value_t = 0)]
+        lock_wait_seconds: u64,
     },
-    /// Delete data no snapshot references. Packs are deleted once they have been unreferenced for the grace
-    /// period (default 6 h), which keeps backups running meanwhile safe; 0 deletes at once.
+    /// Delete data no snapshot references. Backups running meanwhile are safe: data they may use waits
+    /// until they end. Packs are deleted once unreferenced for the grace period (default 6 h: time to
+    /// notice a mistaken forget); 0 deletes at once. One prune per repository at a time.
     Prune {
         /// Grace period in seconds.
         #[arg(long, default_value_t = DEFAULT_GRACE_SECONDS)]
         grace_seconds: u64,
+        /// How long to wait for another maintenance run to finish.
+        #[arg(long, default_value_t = 0)]
+        lock_wait_seconds: u64,
     },
     /// Verify the repository.
     Check {
@@ -276,6 +283,7 @@ impl Ctx {
                     .or_else(ferry_mover::repo::default_cache_dir)
             },
             cache_limit: g.cache_limit_mib * 1024 * 1024,
+            ..Default::default()
         };
         Ok(Arc::new(
             Repository::open(self.backend().await?, &self.password()?, &opts).await?,
@@ -477,6 +485,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tags,
             prune,
             grace_seconds,
+            lock_wait_seconds,
         } => {
             if ids.is_empty() && tags.is_empty() {
                 bail!("forget needs snapshot ids or --tag (refusing to forget every snapshot)");
@@ -493,9 +502,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await?;
             let report = if prune {
                 Some(
-                    ferry_mover::prune::prune(
+                    ferry_mover::prune::prune_with(
                         repo,
-                        Duration::from_secs(grace_seconds),
+                        &prune_options(grace_seconds, lock_wait_seconds),
                         Arc::new(Progress::default()),
                     )
                     .await?,
@@ -513,11 +522,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Prune { grace_seconds } => {
+        Command::Prune {
+            grace_seconds,
+            lock_wait_seconds,
+        } => {
             let repo = ctx.open().await?;
-            let r = ferry_mover::prune::prune(
+            let r = ferry_mover::prune::prune_with(
                 repo,
-                Duration::from_secs(grace_seconds),
+                &prune_options(grace_seconds, lock_wait_seconds),
                 Arc::new(Progress::default()),
             )
             .await?;
@@ -710,14 +722,25 @@ fn print_node(json: bool, path: &Path, n: &ferry_mover::tree::Node) {
     }
 }
 
+/// Prune options from the command line.
+pub fn prune_options(grace_seconds: u64, lock_wait_seconds: u64) -> ferry_mover::prune::PruneOptions {
+    ferry_mover::prune::PruneOptions {
+        grace: Duration::from_secs(grace_seconds),
+        lock_wait: Duration::from_secs(lock_wait_seconds),
+    }
+}
+
 fn print_prune(r: &ferry_mover::prune::PruneReport) {
     println!(
-        "{} snapshot(s) kept; {} pack(s) deleted ({}), {} in use, {} unreferenced pack(s) waiting for the grace period",
+        "{} snapshot(s) kept; {} pack(s) deleted ({}), {} repacked, {} in use, {} unreferenced pack(s) \
+         pending (grace period, or {} running backup(s))",
         r.snapshots,
         r.packs_deleted,
         human(r.bytes_deleted),
+        r.packs_repacked,
         r.packs_kept,
-        r.packs_pending
+        r.packs_pending,
+        r.backups_running
     );
 }
 

@@ -42,6 +42,8 @@ pub enum Kind {
     MasterKey = 7,
     /// The prune bookkeeping object `prune/state`.
     PruneState = 8,
+    /// A repository lease under `locks/`.
+    Lease = 9,
 }
 
 /// The repository's secret keys, derived from the master secret.

@@ -108,6 +108,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     let opts = OpenOptions {
         cache_dir: Some(work.join("cache")),
         cache_limit: 64 << 20,
+        ..Default::default()
     };
     let repo = Arc::new(Repository::open(backend.clone(), password, &opts).await?);
 

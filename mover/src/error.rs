@@ -58,6 +58,12 @@ pub enum Error {
     /// The operation was canceled.
     #[error("canceled")]
     Canceled,
+    /// Another process holds a lease that excludes this operation.
+    #[error("repository locked: {0}")]
+    Locked(String),
+    /// This process's repository lease lapsed; it stopped before an irreversible step.
+    #[error("{0}; nothing was committed, run it again")]
+    LeaseLost(String),
     /// Bad input from the caller.
     #[error("{0}")]
     Invalid(String),

@@ -11,14 +11,17 @@
 pub mod backend;
 pub mod backup;
 pub mod cache;
+pub mod candidates;
 pub mod check;
 pub mod chunker;
+pub mod clock;
 pub mod crypto;
 pub mod error;
 pub mod events;
 pub mod fsmeta;
 pub mod id;
 pub mod index;
+pub mod lease;
 pub mod pack;
 pub mod progress;
 pub mod prune;

@@ -112,6 +112,9 @@ enum Outcome {
 
 /// Runs a pod operation to its exit code. Never returns an error: every failure becomes the termination
 /// message and exit code 1.
+/// How long a maintenance pod waits for another maintenance run on the same repository.
+const MAINTENANCE_LOCK_WAIT_SECONDS: u64 = 600;
+
 pub async fn run(ctx: &Ctx, op: PodOp) -> ExitCode {
     let pod = match &op {
         PodOp::Backup { pod, .. } | PodOp::Restore { pod, .. } | PodOp::Maintain { pod, .. } => pod,
@@ -415,9 +418,10 @@ async fn maintain(ctx: &Ctx, args: &MaintainArgs, progress: Arc<Progress>) -> Re
         if gone.is_empty() {
             continue;
         }
-        let report = ferry_mover::prune::prune(
+        // Another maintenance run on the same repository (a second controller, a CLI user) is waited for.
+        let report = ferry_mover::prune::prune_with(
             repo,
-            Duration::from_secs(args.grace_seconds),
+            &crate::cli::prune_options(args.grace_seconds, MAINTENANCE_LOCK_WAIT_SECONDS),
             progress.clone(),
         )
         .await?;

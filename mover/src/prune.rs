@@ -1,36 +1,42 @@
 //! `forget` and `prune`: deleting snapshots, then the packs no snapshot needs any more.
 //!
-//! Backups take no lock, so a backup running during a prune may reuse a blob the prune sees as unreferenced
-//! (its snapshot is not written yet). Prune therefore deletes a pack only when it was already unreferenced
-//! in an earlier prune at least `grace` ago and still is; the set of such candidates and when each was first
-//! seen is the encrypted object `prune/state`. `grace = 0` deletes at once (no backup may run meanwhile).
-//! Design: `design/0003-backup-deletion.md`; format: `design/0001-repository-format.md`.
+//! Backups take no lock against prune; instead (full argument in `design/0003-backup-deletion.md`):
+//! 1. prune holds the maintenance lease (one prune per repository at a time, `crate::lease`);
+//! 2. it marks every pack holding unreferenced data as a *candidate* in `prune/state`, with the state
+//!    generation that first listed it, and writes that state before looking at running backups;
+//! 3. a backup writes its lease (with the generation it had seen) before reading the state, and never reuses
+//!    data from a candidate;
+//! 4. a candidate is deleted (or, partly used, repacked) only when every live backup lease has seen its
+//!    mark, it has been a candidate for the grace period, and no snapshot written meanwhile uses it.
+//! A candidate a running backup may depend on therefore always waits for that backup to end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::crypto::Kind;
-use crate::error::{Error, Result};
+use crate::candidates::{self, Mark, PruneState};
+use crate::clock::{age, unix_seconds};
+use crate::error::Result;
+use crate::error::Error;
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::{IndexPack, IndexSegment};
+use crate::lease::{self, Lease};
 use crate::pack::{self, BlobKind, PackWriter};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::Snapshot;
 use crate::tree::NodeKind;
 
-const STATE_KEY: &str = "prune/state";
-const STATE_VERSION: u32 = 1;
-
-/// Packs seen unreferenced, with the Unix time each was first seen so.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct PruneState {
-    version: u32,
-    candidates: BTreeMap<String, u64>,
+/// How a prune runs.
+#[derive(Debug, Clone, Default)]
+pub struct PruneOptions {
+    /// A pack is deleted only after it has been unreferenced this long (a second line of defence behind
+    /// the leases, and time to notice a mistaken forget).
+    pub grace: Duration,
+    /// How long to wait for another maintenance run to finish before failing.
+    pub lock_wait: Duration,
 }
 
 /// What a prune did.
@@ -49,6 +55,8 @@ pub struct PruneReport {
     pub packs_kept: usize,
     /// Partly used packs whose used blobs were copied into new packs.
     pub packs_repacked: usize,
+    /// Backups running meanwhile (their data waits for them to finish).
+    pub backups_running: usize,
 }
 
 async fn write_pack(repo: &Repository, kind: BlobKind, w: &mut PackWriter) -> Result<IndexPack> {
@@ -79,42 +87,15 @@ pub async fn forget(
     Ok(gone)
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-async fn load_state(repo: &Repository) -> Result<PruneState> {
-    match repo.backend().get(STATE_KEY).await {
-        Ok(raw) => {
-            let plain = pack::decode(repo.keys(), Kind::PruneState, &raw)
-                .map_err(|e| Error::Integrity(format!("{STATE_KEY}: {e}")))?;
-            let s: PruneState = serde_json::from_slice(&plain)
-                .map_err(|e| Error::Format(format!("{STATE_KEY}: {e}")))?;
-            if s.version != STATE_VERSION {
-                return Err(Error::Format(format!(
-                    "{STATE_KEY} version {} is not supported",
-                    s.version
-                )));
-            }
-            Ok(s)
-        }
-        Err(Error::NotFound(_)) => Ok(PruneState {
-            version: STATE_VERSION,
-            ..Default::default()
-        }),
-        Err(e) => Err(e),
-    }
-}
-
-/// Every blob (data and tree) some snapshot references.
-async fn referenced(repo: &Repository, progress: &Progress) -> Result<(usize, HashSet<BlobId>)> {
-    let snaps = repo.snapshots().await?;
+/// Every blob (data and tree) the given snapshots reference.
+async fn referenced(
+    repo: &Repository,
+    snaps: &[(SnapshotId, Snapshot)],
+    progress: &Progress,
+) -> Result<HashSet<BlobId>> {
     let mut data: HashSet<BlobId> = HashSet::new();
     let mut seen = repo
-        .walk_trees(&snaps, progress, |_, _, tree| {
+        .walk_trees(snaps, progress, |_, _, tree| {
             for n in &tree?.nodes {
                 if let NodeKind::File { content } = &n.kind {
                     data.extend(content.iter().copied());
@@ -124,123 +105,246 @@ async fn referenced(repo: &Repository, progress: &Progress) -> Result<(usize, Ha
         })
         .await?;
     seen.extend(data);
-    Ok((snaps.len(), seen))
+    Ok(seen)
 }
 
-/// Deletes packs no snapshot references, after `grace` (see the module docs).
+/// What prune knows about the repository: snapshots walked, blobs they use, packs by index.
+struct View {
+    snapshots: HashSet<SnapshotId>,
+    used: HashSet<BlobId>,
+    segments: Vec<String>,
+    packs: HashMap<PackId, IndexPack>,
+}
+
+impl View {
+    async fn load(repo: &Repository, progress: &Progress) -> Result<View> {
+        let snaps = repo.snapshots().await?;
+        let used = referenced(repo, &snaps, progress).await?;
+        let mut v = View {
+            snapshots: snaps.into_iter().map(|(id, _)| id).collect(),
+            used,
+            segments: Vec::new(),
+            packs: HashMap::new(),
+        };
+        v.add_segments(repo).await?;
+        Ok(v)
+    }
+
+    /// Adds index segments not seen yet.
+    async fn add_segments(&mut self, repo: &Repository) -> Result<()> {
+        for (id, seg) in repo.index_segments().await? {
+            if self.segments.contains(&id) {
+                continue;
+            }
+            for p in seg.packs {
+                self.packs.entry(p.id).or_insert(p);
+            }
+            self.segments.push(id);
+        }
+        Ok(())
+    }
+
+    /// Takes in snapshots written since the view was loaded (by backups that ended meanwhile), and the
+    /// index segments they wrote first. Returns how many were new.
+    async fn catch_up(&mut self, repo: &Repository, progress: &Progress) -> Result<usize> {
+        let new: Vec<_> = repo
+            .snapshots()
+            .await?
+            .into_iter()
+            .filter(|(id, _)| !self.snapshots.contains(id))
+            .collect();
+        if new.is_empty() {
+            return Ok(0);
+        }
+        self.add_segments(repo).await?;
+        self.used.extend(referenced(repo, &new, progress).await?);
+        self.snapshots.extend(new.iter().map(|(id, _)| *id));
+        Ok(new.len())
+    }
+
+    fn used_blobs(&self, p: &PackId) -> usize {
+        self.packs
+            .get(p)
+            .map_or(0, |ip| ip.blobs.iter().filter(|b| self.used.contains(&b.id)).count())
+    }
+
+    /// Packs holding unreferenced data: fully unused, partly used, or named by no index.
+    fn candidates(&self, listed: &HashMap<PackId, u64>) -> Vec<PackId> {
+        listed
+            .keys()
+            .filter(|p| match self.packs.get(p) {
+                None => true,
+                Some(ip) => self.used_blobs(p) < ip.blobs.len(),
+            })
+            .copied()
+            .collect()
+    }
+}
+
+/// Deletes packs no snapshot references, after `grace`, waiting for no other maintenance run.
 pub async fn prune(
     repo: Arc<Repository>,
     grace: Duration,
     progress: Arc<Progress>,
 ) -> Result<PruneReport> {
-    let (snapshots, used) = referenced(&repo, &progress).await?;
-    let segments = repo.index_segments().await?;
+    prune_with(
+        repo,
+        &PruneOptions {
+            grace,
+            ..Default::default()
+        },
+        progress,
+    )
+    .await
+}
+
+/// Deletes packs no snapshot references (see the module docs).
+pub async fn prune_with(
+    repo: Arc<Repository>,
+    opts: &PruneOptions,
+    progress: Arc<Progress>,
+) -> Result<PruneReport> {
+    let lease = Lease::acquire_maintenance(repo.clone(), opts.lock_wait).await?;
+    let r = run(&repo, &lease, opts, &progress).await;
+    lease.release().await;
+    r
+}
+
+async fn run(
+    repo: &Repository,
+    lease: &Lease,
+    opts: &PruneOptions,
+    progress: &Progress,
+) -> Result<PruneReport> {
+    let old = candidates::load(repo).await?;
+    let mut view = View::load(repo, progress).await?;
     let (listed, _) = repo.list_packs().await?;
-    // Per pack: does any snapshot use it, and does it hold blobs none uses?
-    let mut in_use: HashSet<PackId> = HashSet::new();
-    let mut wasteful: HashSet<PackId> = HashSet::new();
-    let mut packs: HashMap<PackId, IndexPack> = HashMap::new();
-    for (_, seg) in &segments {
-        for p in &seg.packs {
-            let used_here = p.blobs.iter().filter(|b| used.contains(&b.id)).count();
-            if used_here > 0 {
-                in_use.insert(p.id);
-            }
-            if used_here < p.blobs.len() {
-                wasteful.insert(p.id);
-            }
-            packs.entry(p.id).or_insert_with(|| p.clone());
-        }
+
+    // Mark, and publish the marks before looking at backups (module docs, step 2).
+    let now = lease.leases().await?.now;
+    let generation = old.generation + 1;
+    let mut marked = PruneState {
+        generation,
+        candidates: BTreeMap::new(),
+    };
+    for p in view.candidates(&listed) {
+        let mark = old.candidates.get(&p).copied().unwrap_or(Mark {
+            generation,
+            since: unix_seconds(now),
+        });
+        marked.candidates.insert(p, mark);
     }
-    // Candidates: packs holding unreferenced blobs (fully unused ones, partly used ones to repack) and
-    // packs no index names (an interrupted backup's, or a running backup's not yet indexed).
-    let candidates: Vec<PackId> = listed
-        .keys()
-        .filter(|p| !in_use.contains(p) || wasteful.contains(p))
-        .copied()
+    lease.ensure_held().await?;
+    candidates::save(repo, &marked).await?;
+
+    // What every live backup has seen; stale leases belong to dead holders.
+    let leases = lease.leases().await?;
+    lease::remove_stale(repo, &leases.others).await?;
+    let live: Vec<u64> = leases
+        .others
+        .iter()
+        .filter(|f| !f.stale)
+        .filter_map(|f| f.backup_generation())
         .collect();
-    let mut state = load_state(&repo).await?;
-    let t = now();
-    let mut next = BTreeMap::new();
-    let mut due = HashSet::new();
-    for p in &candidates {
-        let first = state.candidates.get(&p.to_hex()).copied().unwrap_or(t);
-        if t.saturating_sub(first) >= grace.as_secs() {
-            due.insert(*p);
-        } else {
-            next.insert(p.to_hex(), first);
-        }
-    }
+    let seen_by_all = live.iter().copied().min().unwrap_or(u64::MAX);
+    view.catch_up(repo, progress).await?;
+    let due: HashSet<PackId> = marked
+        .candidates
+        .iter()
+        .filter(|(_, m)| {
+            m.generation <= seen_by_all
+                && age(leases.now, std::time::UNIX_EPOCH + Duration::from_secs(m.since)) >= opts.grace
+        })
+        .map(|(p, _)| *p)
+        .collect();
+
     let mut report = PruneReport {
-        snapshots,
-        packs_pending: next.len(),
-        packs_kept: in_use.iter().filter(|p| !due.contains(p)).count(),
+        snapshots: view.snapshots.len(),
+        backups_running: live.len(),
+        packs_kept: view
+            .packs
+            .keys()
+            .filter(|p| listed.contains_key(p) && !due.contains(p) && view.used_blobs(p) > 0)
+            .count(),
         ..Default::default()
     };
     if !due.is_empty() {
-        // Copy the still-used blobs of due, partly used packs into new packs (stored bytes are
-        // independent of their pack, so they are copied as they are, after verification).
-        let mut fresh: Vec<IndexPack> = Vec::new();
-        let mut writers: HashMap<BlobKind, PackWriter> = HashMap::new();
-        let target = repo.config().pack_size as usize;
-        for p in due.iter().filter(|p| in_use.contains(p)) {
-            progress.check()?;
-            let bytes = repo.backend().get(&p.key()).await?;
-            let header = pack::read_header(repo.keys(), p, &bytes)?;
-            for b in header.blobs.iter().filter(|b| used.contains(&b.id)) {
-                let stored = bytes
-                    .get(b.offset as usize..(b.offset + b.length) as usize)
-                    .ok_or_else(|| {
-                        Error::Integrity(format!("pack {}: blob out of range", p.short()))
-                    })?;
-                pack::decode_blob(repo.keys(), header.kind, &b.id, stored)?;
-                let w = writers
-                    .entry(header.kind)
-                    .or_insert_with(|| PackWriter::new(header.kind, target));
-                w.add(b.id, b.raw_length as usize, stored);
-                if w.is_full() {
-                    fresh.push(write_pack(&repo, header.kind, w).await?);
-                }
-            }
-            report.packs_repacked += 1;
-        }
-        for (kind, w) in writers.iter_mut() {
-            if !w.is_empty() {
-                fresh.push(write_pack(&repo, *kind, w).await?);
-            }
-        }
-        // One new segment with everything that stays, then drop the segments it replaces, then the packs.
-        let mut keep = IndexSegment {
-            version: crate::index::INDEX_VERSION,
-            packs: packs
-                .values()
-                .filter(|p| !due.contains(&p.id))
-                .cloned()
-                .collect(),
-        };
-        keep.packs.extend(fresh);
-        if !keep.packs.is_empty() {
-            repo.write_index(&keep).await?;
-        }
-        for (id, _) in &segments {
-            repo.backend().delete(&format!("index/{id}")).await?;
-        }
-        for p in &due {
-            progress.check()?;
-            repo.backend().delete(&p.key()).await?;
-            report.packs_deleted += 1;
-            report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
-        }
+        delete_due(repo, lease, &view, &listed, &due, progress, &mut report).await?;
     }
-    state.candidates = next;
-    state.version = STATE_VERSION;
-    let plain = serde_json::to_vec(&state).map_err(|e| Error::Format(e.to_string()))?;
-    repo.backend()
-        .put(
-            STATE_KEY,
-            Bytes::from(pack::encode(repo.keys(), Kind::PruneState, &plain, false)?),
-        )
-        .await?;
+    // Keep marks of what is still there; drop those of deleted packs.
+    marked.generation += 1;
+    marked.candidates.retain(|p, _| !due.contains(p));
+    report.packs_pending = marked.candidates.len();
+    lease.ensure_held().await?;
+    candidates::save(repo, &marked).await?;
     repo.invalidate_index().await;
     Ok(report)
+}
+
+/// Repacks the used blobs of due, partly used packs, writes one index of everything that stays, then deletes
+/// the index segments it replaces and the due packs — in that order, so no index ever names a missing
+/// pack that holds used data.
+async fn delete_due(
+    repo: &Repository,
+    lease: &Lease,
+    view: &View,
+    listed: &HashMap<PackId, u64>,
+    due: &HashSet<PackId>,
+    progress: &Progress,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let mut fresh: Vec<IndexPack> = Vec::new();
+    let mut writers: HashMap<BlobKind, PackWriter> = HashMap::new();
+    let target = repo.config().pack_size as usize;
+    for p in due.iter().filter(|p| view.used_blobs(p) > 0) {
+        progress.check()?;
+        let bytes = repo.backend().get(&p.key()).await?;
+        let header = pack::read_header(repo.keys(), p, &bytes)?;
+        for b in header.blobs.iter().filter(|b| view.used.contains(&b.id)) {
+            let stored = bytes
+                .get(b.offset as usize..(b.offset + b.length) as usize)
+                .ok_or_else(|| Error::Integrity(format!("pack {}: blob out of range", p.short())))?;
+            pack::decode_blob(repo.keys(), header.kind, &b.id, stored)?;
+            let w = writers
+                .entry(header.kind)
+                .or_insert_with(|| PackWriter::new(header.kind, target));
+            w.add(b.id, b.raw_length as usize, stored);
+            if w.is_full() {
+                fresh.push(write_pack(repo, header.kind, w).await?);
+            }
+        }
+        report.packs_repacked += 1;
+    }
+    for (kind, w) in writers.iter_mut() {
+        if !w.is_empty() {
+            fresh.push(write_pack(repo, *kind, w).await?);
+        }
+    }
+    let mut keep = IndexSegment {
+        version: crate::index::INDEX_VERSION,
+        packs: view
+            .packs
+            .values()
+            .filter(|p| !due.contains(&p.id))
+            .cloned()
+            .collect(),
+    };
+    keep.packs.extend(fresh);
+    lease.ensure_held().await?;
+    if !keep.packs.is_empty() {
+        repo.write_index(&keep).await?;
+    }
+    for id in &view.segments {
+        repo.backend().delete(&format!("index/{id}")).await?;
+    }
+    for (i, p) in due.iter().enumerate() {
+        progress.check()?;
+        if i % 64 == 0 {
+            lease.ensure_held().await?;
+        }
+        repo.backend().delete(&p.key()).await?;
+        report.packs_deleted += 1;
+        report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
+    }
+    Ok(())
 }

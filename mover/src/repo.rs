@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::cache::Cache;
 use crate::chunker::ChunkerParams;
+use crate::clock::Clock;
 use crate::crypto::{self, KdfParams, Keys, Kind};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, IndexId, PackId, SnapshotId, storage_hash};
-use crate::index::{Index, IndexSegment};
+use crate::index::{BlobLocation, Index, IndexSegment};
 use crate::pack::{self, BlobKind};
 use crate::snapshot::Snapshot;
 use crate::tree::Tree;
@@ -61,6 +62,8 @@ pub struct OpenOptions {
     pub cache_dir: Option<PathBuf>,
     /// Hard size limit of the cache file.
     pub cache_limit: u64,
+    /// Where time comes from (the system clock but in tests).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for OpenOptions {
@@ -68,6 +71,7 @@ impl Default for OpenOptions {
         OpenOptions {
             cache_dir: default_cache_dir(),
             cache_limit: 256 * 1024 * 1024,
+            clock: crate::clock::system(),
         }
     }
 }
@@ -90,9 +94,13 @@ pub struct Repository {
     keys: Keys,
     config: Config,
     cache: Option<Cache>,
+    clock: Arc<dyn Clock>,
     /// The merged index, loaded on first use and dropped when this handle writes a new segment.
     index: tokio::sync::Mutex<Option<Arc<Index>>>,
 }
+
+/// How often a read follows blobs that a concurrent prune moved to other packs before giving up.
+pub const MAX_RELOCATIONS: usize = 3;
 
 pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -264,6 +272,7 @@ impl Repository {
             keys,
             config,
             cache,
+            clock: opts.clock.clone(),
             index: Default::default(),
         })
     }
@@ -281,6 +290,11 @@ impl Repository {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// Reads a content-addressed metadata object (`index/…`, `snapshots/…`) through the cache, checking its
@@ -337,6 +351,12 @@ impl Repository {
 
     /// Reads every index segment into a fresh [`Index`].
     pub async fn load_index(&self) -> Result<Index> {
+        self.load_index_without(&HashSet::new()).await
+    }
+
+    /// Reads every index segment into a fresh [`Index`], leaving out the packs in `skip` (a backup leaves
+    /// out prune's candidates, so it never reuses their data).
+    pub async fn load_index_without(&self, skip: &HashSet<PackId>) -> Result<Index> {
         let listed = self.backend.list("index/").await?;
         let ids: Vec<String> = listed
             .iter()
@@ -356,8 +376,10 @@ impl Repository {
             .try_collect()
             .await?;
         let mut index = Index::default();
-        for s in &segments {
-            index.add_segment(s);
+        for p in segments.iter().flat_map(|s| &s.packs) {
+            if !skip.contains(&p.id) {
+                index.add_pack(p);
+            }
         }
         Ok(index)
     }
@@ -454,19 +476,9 @@ impl Repository {
         }
     }
 
-    /// Reads and verifies one blob.
+    /// Reads and verifies one blob. When its pack is gone (a concurrent prune moved the blob to a new
+    /// pack), the index is read again and the blob read from where it is now.
     pub async fn read_blob(&self, kind: BlobKind, id: &BlobId) -> Result<Vec<u8>> {
-        let index = self.index().await?;
-        let loc = index
-            .get(id)
-            .ok_or_else(|| Error::Integrity(format!("blob {} is not in the index", id.short())))?;
-        if loc.kind != kind {
-            return Err(Error::Integrity(format!(
-                "blob {} is a {:?}, expected {kind:?}",
-                id.short(),
-                loc.kind
-            )));
-        }
         let cache_key = id.to_hex();
         if kind == BlobKind::Tree
             && let Some(c) = &self.cache
@@ -477,17 +489,29 @@ impl Repository {
                 Err(_) => c.remove("tree", &cache_key),
             }
         }
-        let stored = self
-            .backend
-            .get_range(&loc.pack.key(), loc.offset as u64, loc.length as u64)
-            .await
-            .map_err(|e| match e {
-                Error::NotFound(k) => Error::Integrity(format!(
-                    "pack {k} is missing (needed for blob {})",
-                    id.short()
-                )),
-                e => e,
-            })?;
+        let mut loc = self.locate(kind, id).await?;
+        let mut moves = 0;
+        let stored = loop {
+            match self
+                .backend
+                .get_range(&loc.pack.key(), loc.offset as u64, loc.length as u64)
+                .await
+            {
+                Ok(s) => break s,
+                Err(Error::NotFound(k)) => {
+                    self.invalidate_index().await;
+                    let now = self.locate(kind, id).await?;
+                    if now.pack == loc.pack || moves == MAX_RELOCATIONS {
+                        return Err(Error::Integrity(format!(
+                            "pack {k} is missing (needed for blob {})",
+                            id.short()
+                        )));
+                    }
+                    (loc, moves) = (now, moves + 1);
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let plain = pack::decode_blob(&self.keys, kind, id, &stored)?;
         if kind == BlobKind::Tree
             && let Some(c) = &self.cache
@@ -495,6 +519,23 @@ impl Repository {
             c.put("tree", &cache_key, &stored);
         }
         Ok(plain)
+    }
+
+    /// Where the index says a blob of `kind` is.
+    async fn locate(&self, kind: BlobKind, id: &BlobId) -> Result<BlobLocation> {
+        let loc = self
+            .index()
+            .await?
+            .get(id)
+            .ok_or_else(|| Error::Integrity(format!("blob {} is not in the index", id.short())))?;
+        if loc.kind != kind {
+            return Err(Error::Integrity(format!(
+                "blob {} is a {:?}, expected {kind:?}",
+                id.short(),
+                loc.kind
+            )));
+        }
+        Ok(loc)
     }
 
     /// Reads a tree.

@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
@@ -295,6 +296,41 @@ fn plan_ranges(index: &Index, ids: impl Iterator<Item = BlobId>) -> Result<Vec<R
     Ok(out)
 }
 
+/// Reads a range of a pack. When the pack is gone (a concurrent prune moved its used blobs into new
+/// packs), reads the index again and the blobs from where they are now.
+async fn fetch(repo: &Repository, r: Range) -> Result<Vec<(Range, Bytes)>> {
+    let mut todo = vec![r];
+    let mut out = Vec::new();
+    let mut lost = None;
+    for moves in 0..=crate::repo::MAX_RELOCATIONS {
+        let mut gone = Vec::new();
+        for r in todo {
+            match repo.backend().get_range(&r.pack.key(), r.start, r.len).await {
+                Ok(b) => out.push((r, b)),
+                Err(Error::NotFound(_)) => gone.push(r),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(first) = gone.first() else {
+            return Ok(out);
+        };
+        lost = Some(first.pack);
+        if moves == crate::repo::MAX_RELOCATIONS {
+            break;
+        }
+        tracing::info!(pack = %first.pack.short(), "a pack was pruned meanwhile; reading the index again");
+        let index = repo.load_index().await?;
+        todo = plan_ranges(&index, gone.iter().flat_map(|r| r.blobs.iter().map(|b| b.0)))?;
+        if todo.iter().any(|t| gone.iter().any(|g| g.pack == t.pack)) {
+            break; // the index still names the missing pack: it is lost, not moved
+        }
+    }
+    Err(Error::Integrity(format!(
+        "pack {} is missing from the repository",
+        lost.map(|p| p.key()).unwrap_or_default()
+    )))
+}
+
 fn write_chunk(plan: &Plan, targets: &[(u32, u64)], data: &[u8], sparse: bool) -> Result<()> {
     let zero = sparse && data.iter().all(|&b| b == 0);
     for &(f, off) in targets {
@@ -400,34 +436,29 @@ pub async fn restore(
                 (repo.clone(), plan.clone(), progress.clone(), opts.sparse);
             async move {
                 progress.check()?;
-                let bytes = repo
-                    .backend()
-                    .get_range(&r.pack.key(), r.start, r.len)
-                    .await
-                    .map_err(|e| match e {
-                        Error::NotFound(k) => {
-                            Error::Integrity(format!("pack {k} is missing from the repository"))
+                let fetched = fetch(&repo, r).await?;
+                for (r, bytes) in fetched {
+                    Progress::add(&progress.bytes_transferred, r.len);
+                    let (repo, plan, progress) = (repo.clone(), plan.clone(), progress.clone());
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        for (id, off, len, raw) in &r.blobs {
+                            let s = (off - r.start) as usize;
+                            let data = pack::decode_blob(
+                                repo.keys(),
+                                BlobKind::Data,
+                                id,
+                                &bytes[s..s + *len as usize],
+                            )?;
+                            let targets = &plan.targets[id];
+                            write_chunk(&plan, targets, &data, sparse)?;
+                            Progress::add(&progress.bytes_done, *raw as u64 * targets.len() as u64);
                         }
-                        e => e,
-                    })?;
-                Progress::add(&progress.bytes_transferred, r.len);
-                tokio::task::spawn_blocking(move || -> Result<()> {
-                    for (id, off, len, raw) in &r.blobs {
-                        let s = (off - r.start) as usize;
-                        let data = pack::decode_blob(
-                            repo.keys(),
-                            BlobKind::Data,
-                            id,
-                            &bytes[s..s + *len as usize],
-                        )?;
-                        let targets = &plan.targets[id];
-                        write_chunk(&plan, targets, &data, sparse)?;
-                        Progress::add(&progress.bytes_done, *raw as u64 * targets.len() as u64);
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(|e| Error::Invalid(format!("restore writer: {e}")))?
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| Error::Invalid(format!("restore writer: {e}")))??;
+                }
+                Ok::<(), Error>(())
             }
         })
         .buffer_unordered(opts.downloads.max(1))

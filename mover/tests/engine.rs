@@ -410,6 +410,7 @@ async fn the_cache_is_used_and_a_corrupt_cache_is_harmless() {
     let opts = OpenOptions {
         cache_dir: Some(cache_dir.path().to_path_buf()),
         cache_limit: 8 << 20,
+        ..Default::default()
     };
     let repo = Arc::new(
         Repository::open(backend.clone(), PASSWORD, &opts)

@@ -86,6 +86,28 @@ pub async fn run(b: &dyn Backend) {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].size, data.len() as u64);
 
+    // Listings tell when each object was written (leases rely on it), close to now.
+    let day = std::time::Duration::from_secs(86_400);
+    for o in &l {
+        let t = o.modified.expect("listings carry modification times");
+        let now = std::time::SystemTime::now();
+        assert!(
+            t > now - day && t < now + day,
+            "{}: modified {t:?} is not close to now",
+            o.key
+        );
+    }
+
+    // A mutable object (a lease) is replaced by a later put.
+    b.put("locks/l", Bytes::from_static(b"first"))
+        .await
+        .expect("put lease");
+    b.put("locks/l", Bytes::from_static(b"second"))
+        .await
+        .expect("rewrite lease");
+    assert_eq!(b.get("locks/l").await.expect("get lease"), "second");
+    b.delete("locks/l").await.expect("delete lease");
+
     // Overwrite with identical content is allowed (content-addressed retries).
     b.put("index/1", Bytes::from_static(b"1"))
         .await

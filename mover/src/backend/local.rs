@@ -169,11 +169,12 @@ impl Backend for LocalBackend {
                             stack.push(key);
                         }
                     } else if key.starts_with(&prefix) {
-                        let size = entry
-                            .metadata()
-                            .map_err(|e| Error::io(entry.path(), e))?
-                            .len();
-                        out.push(ObjectInfo { key, size });
+                        let meta = entry.metadata().map_err(|e| Error::io(entry.path(), e))?;
+                        out.push(ObjectInfo {
+                            key,
+                            size: meta.len(),
+                            modified: meta.modified().ok(),
+                        });
                     }
                 }
             }

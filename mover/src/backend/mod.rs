@@ -1,6 +1,8 @@
 //! Storage behind a small trait. Keys are `/`-separated relative names (`data/ab/ab…`, `index/…`).
 //! Writes are atomic and objects are immutable once written: the engine never overwrites a key with other
-//! content, which is what makes concurrent writers safe without locks.
+//! content, which is what makes concurrent writers safe without locks. The exceptions are the few mutable
+//! bookkeeping objects, each with a single writer at a time: a lease (`locks/`, rewritten only by its
+//! holder) and `prune/state` (written only under the maintenance lease).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -10,6 +12,7 @@ use crate::error::{Error, Result};
 pub mod conformance;
 mod insecure_http;
 pub mod local;
+pub mod memory;
 pub mod s3;
 
 /// One object in a listing.
@@ -19,6 +22,10 @@ pub struct ObjectInfo {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// When it was last written, by the storage's clock (S3 `LastModified`, a file's mtime), where the
+    /// storage tells. Leases compare these to each other, so holders on other machines need no synced
+    /// clocks (`crate::lease`).
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// What a repository needs from storage.

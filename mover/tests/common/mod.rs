@@ -26,6 +26,7 @@ pub fn no_cache() -> OpenOptions {
     OpenOptions {
         cache_dir: None,
         cache_limit: 0,
+        ..Default::default()
     }
 }
 
@@ -323,3 +324,72 @@ impl S3Server {
         self._dir.path().join("root").join(name)
     }
 }
+
+/// A backend that holds every `put` of a key under `prefix` until released: a test can stop an operation
+/// just before it commits (a backup's snapshot, say) and run something else meanwhile.
+#[derive(Debug)]
+pub struct Gate {
+    inner: Arc<dyn Backend>,
+    prefix: String,
+    entered: tokio::sync::Notify,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    pub fn new(inner: Arc<dyn Backend>, prefix: &str) -> Arc<Gate> {
+        Arc::new(Gate {
+            inner,
+            prefix: prefix.into(),
+            entered: tokio::sync::Notify::new(),
+            open: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Waits until some `put` under the prefix is being held.
+    pub async fn entered(&self) {
+        self.entered.notified().await
+    }
+
+    /// Lets every held and future `put` through.
+    pub fn release(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Gate {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put(&self, key: &str, data: bytes::Bytes) -> ferry_mover::Result<()> {
+        if key.starts_with(&self.prefix) {
+            let mut rx = self.open.subscribe();
+            if !*rx.borrow() {
+                self.entered.notify_one();
+                while !*rx.borrow_and_update() {
+                    rx.changed().await.unwrap();
+                }
+            }
+        }
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> ferry_mover::Result<bool> {
+        self.inner.put_if_absent(key, data).await
+    }
+    fn settle_delay(&self) -> std::time::Duration {
+        self.inner.settle_delay()
+    }
+    async fn get(&self, key: &str) -> ferry_mover::Result<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> ferry_mover::Result<bytes::Bytes> {
+        self.inner.get_range(key, offset, len).await
+    }
+    async fn list(&self, prefix: &str) -> ferry_mover::Result<Vec<ferry_mover::backend::ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> ferry_mover::Result<()> {
+        self.inner.delete(key).await
+    }
+}
+
