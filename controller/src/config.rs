@@ -55,6 +55,9 @@ pub struct Config {
     pub priority_class_name: Option<String>,
     /// Seconds between progress events from the mover.
     pub report_interval_seconds: u64,
+    /// An InProgress CR whose progress has not moved for this long (since the last progress seen, or the
+    /// mover pod's start) is failed with "no progress for N m" and its mover stopped. 0 disables it.
+    pub no_progress_timeout_seconds: u64,
     /// On a Velero DeleteBackupRequest, forget the backup's snapshots and prune the repositories.
     pub prune_on_backup_deletion: bool,
     /// Prune grace period: unreferenced data is deleted once it has been unreferenced this long, which
@@ -85,6 +88,7 @@ impl Default for Config {
             cache_size_limit: "2Gi".into(),
             priority_class_name: None,
             report_interval_seconds: 5,
+            no_progress_timeout_seconds: 30 * 60,
             prune_on_backup_deletion: true,
             prune_grace_seconds: 6 * 3600,
         }
@@ -118,7 +122,14 @@ impl Config {
                 "perNodeLimit and prepareQueueLength must be at least 1".into(),
             ));
         }
-        Ok(())
+        match crate::validate::quantity(&self.cache_size_limit) {
+            Ok(v) if v > 0.0 => Ok(()),
+            Ok(_) => Err(Error::Config("cacheSizeLimit must be positive".into())),
+            Err(why) => Err(Error::Config(format!(
+                "cacheSizeLimit {:?}: {why}",
+                self.cache_size_limit
+            ))),
+        }
     }
 
     /// The mover for a CR's `spec.datamover`, if it is one of ours.
@@ -130,41 +141,60 @@ impl Config {
     pub fn prepare_timeout(&self) -> Duration {
         Duration::from_secs(self.prepare_timeout_seconds)
     }
+
+    /// How long an InProgress CR may go without progress; `None` when disabled.
+    pub fn no_progress_timeout(&self) -> Option<Duration> {
+        (self.no_progress_timeout_seconds > 0)
+            .then(|| Duration::from_secs(self.no_progress_timeout_seconds))
+    }
 }
 
+/// Longest duration [`parse_go_duration`] accepts: Go's own limit (`math.MaxInt64` nanoseconds, ~292 years).
+/// Callers bound it further for what they use it for.
+pub const GO_DURATION_MAX: Duration = Duration::from_nanos(i64::MAX as u64);
+
 /// Parses a Go duration (`10m0s`, `1h30m`, `45s`, `1.5h`, `300ms`) as Velero writes `operationTimeout`.
+/// `None` for anything else, negative durations, and durations beyond [`GO_DURATION_MAX`]; never panics.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
     if s == "0" {
         return Some(Duration::ZERO);
     }
     let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let num: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_end] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        rest = &rest[unit_end..];
-        total += num * mult;
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.is_empty() {
+        return None;
     }
-    Some(Duration::from_secs_f64(total))
+    while !rest.is_empty() {
+        let (secs, tail) = go_duration_segment(rest)?;
+        total += secs;
+        rest = tail;
+    }
+    Duration::try_from_secs_f64(total)
+        .ok()
+        .filter(|d| *d <= GO_DURATION_MAX)
+}
+
+/// One `<number><unit>` of a Go duration: its seconds and the rest of the text.
+fn go_duration_segment(text: &str) -> Option<(f64, &str)> {
+    let num_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let num: f64 = text[..num_end].parse().ok()?;
+    let rest = &text[num_end..];
+    let unit_end = rest
+        .find(|c: char| c.is_ascii_digit() || c == '.')
+        .unwrap_or(rest.len());
+    let mult = match &rest[..unit_end] {
+        "h" => 3600.0,
+        "m" => 60.0,
+        "s" => 1.0,
+        "ms" => 1e-3,
+        "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
+        "ns" => 1e-9,
+        _ => return None,
+    };
+    Some((num * mult, &rest[unit_end..]))
 }
 
 #[cfg(test)]
@@ -187,6 +217,11 @@ mod tests {
     }
 
     #[test]
+    fn absurd_durations_are_refused_not_a_panic() {
+        assert_eq!(parse_go_duration("99999999999999999999h"), None);
+    }
+
+    #[test]
     fn config_defaults_and_validation() {
         let c = Config::from_yaml("perNodeLimit: 2\n").expect("valid");
         assert_eq!(c.per_node_limit, 2);
@@ -196,5 +231,10 @@ mod tests {
         assert!(Config::from_yaml("movers: {velero: {image: x}}").is_err());
         assert!(Config::from_yaml("perNodeLimit: 0").is_err());
         assert!(Config::from_yaml("bogus: 1").is_err());
+        assert!(Config::from_yaml("cacheSizeLimit: 2GB").is_err());
+        assert!(Config::from_yaml("cacheSizeLimit: 0").is_err());
+        assert_eq!(c.no_progress_timeout(), Some(Duration::from_secs(30 * 60)));
+        let off = Config::from_yaml("noProgressTimeoutSeconds: 0").expect("valid");
+        assert_eq!(off.no_progress_timeout(), None);
     }
 }

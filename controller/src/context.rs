@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use kube::Client;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 
 /// The one field manager of everything this controller writes.
@@ -99,4 +100,20 @@ pub struct Context {
     pub metrics: Metrics,
     /// Serialises mover-pod placement so per-node limits hold under concurrent reconciles.
     pub placement: tokio::sync::Mutex<()>,
+    /// Requeue delays after failed reconciles.
+    pub backoff: Backoff,
+}
+
+impl Context {
+    /// A context with fresh metrics, placement lock and backoff.
+    pub fn new(client: Client, config: Config, identity: Identity) -> Self {
+        Context {
+            client,
+            config,
+            identity,
+            metrics: Metrics::default(),
+            placement: Default::default(),
+            backoff: Backoff::default(),
+        }
+    }
 }

@@ -9,7 +9,7 @@ use ferry_proto::velero::{
 use kube::Resource;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::config::parse_go_duration;
+use crate::validate::operation_timeout;
 
 /// Mutable views of the status fields DU and DD share.
 #[derive(Debug)]
@@ -58,7 +58,7 @@ pub trait MoverCr:
     fn datamover(&self) -> Option<&str>;
     /// `spec.cancel`.
     fn cancel_requested(&self) -> bool;
-    /// `spec.operationTimeout` (default 10 minutes, like Velero's resource timeout).
+    /// `spec.operationTimeout` (default 10 minutes, like Velero's resource timeout; at most a year).
     fn operation_timeout(&self) -> Duration;
     /// `spec.backupStorageLocation`.
     fn bsl(&self) -> &str;
@@ -78,9 +78,11 @@ pub trait MoverCr:
     fn accepted_timestamp(&self) -> Option<&str>;
 }
 
+/// The operation timeout, 10 minutes when unset; an invalid one fails the CR in validation first.
 fn timeout(s: &str) -> Duration {
-    parse_go_duration(s)
-        .filter(|d| !d.is_zero())
+    operation_timeout(s)
+        .ok()
+        .flatten()
         .unwrap_or(Duration::from_secs(600))
 }
 

@@ -63,6 +63,16 @@ async fn release(ctx: &Context, b: &Backup, outcome: &str) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// Whether a maintenance pod has been pending for longer than the prepare timeout.
+fn pending_too_long(ctx: &Context, p: &Pod) -> bool {
+    p.creation_timestamp().is_some_and(|t| {
+        let secs = k8s_openapi::jiff::Timestamp::now()
+            .duration_since(t.0)
+            .as_secs();
+        secs > ctx.config.prepare_timeout().as_secs() as i64
+    })
+}
+
 /// Reconciles one Backup.
 pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
     let ours = b.finalizers().iter().any(|f| f == BACKUP_FINALIZER);
@@ -77,12 +87,22 @@ pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
     if !ours {
         return Ok(Action::await_change());
     }
+    match prune(&b, &ctx).await {
+        // A request the API server refuses (a rejected maintenance pod, say) will be refused again: the
+        // data stays, the Backup must not hang in Terminating.
+        Err(e) if e.is_permanent() => release(&ctx, &b, &format!("failed: {}", e.describe())).await,
+        out => out,
+    }
+}
+
+/// The deleted Backup's maintenance pod: start it, follow it, release the Backup when it ends.
+async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
     let ns = b.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Some(p) = objects::get_opt(&pods, &pod_name(&b)).await? {
+    if let Some(p) = objects::get_opt(&pods, &pod_name(b)).await? {
         return match pod::state(&p) {
             PodState::Succeeded { message, .. } => {
-                release(&ctx, &b, &format!("done: {message}")).await
+                release(ctx, b, &format!("done: {message}")).await
             }
             PodState::Failed { message, .. }
             | PodState::Pending {
@@ -91,7 +111,17 @@ pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
             } => {
                 // The data stays (nothing was lost); the Backup must not hang in Terminating.
                 tracing::error!(backup = %b.name_any(), %message, "pruning the deleted backup's data failed");
-                release(&ctx, &b, &format!("failed: {message}")).await
+                release(ctx, b, &format!("failed: {message}")).await
+            }
+            PodState::Pending { waiting, .. } if pending_too_long(ctx, &p) => {
+                let why = waiting.unwrap_or_else(|| "pending".into());
+                let limit = ctx.config.prepare_timeout().as_secs();
+                release(
+                    ctx,
+                    b,
+                    &format!("failed: maintenance pod not running after {limit}s: {why}"),
+                )
+                .await
             }
             _ => Ok(Action::requeue(Duration::from_secs(2))),
         };
@@ -113,12 +143,12 @@ pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
         .storage_location
         .clone()
         .unwrap_or_else(|| "default".into());
-    let repo = match objects::repo_target_in(&ctx, &ns, &bsl, None).await? {
+    let repo = match objects::repo_target_in(ctx, &ns, &bsl, None).await? {
         Ok(r) => r,
-        Err(m) => return release(&ctx, &b, &format!("failed: {m}")).await,
+        Err(m) => return release(ctx, b, &format!("failed: {m}")).await,
     };
     let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
-        return release(&ctx, &b, "skipped: mover no longer configured").await;
+        return release(ctx, b, "skipped: mover no longer configured").await;
     };
     // Snapshots carry the Backup's name as the DataUploads' `velero.io/backup-name` label gave it (names
     // are unique per location, and survive a sync into another cluster, unlike uids).
@@ -128,7 +158,7 @@ pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
         labels::velero_label_value(&b.name_any())
     );
     let plan = PodPlan {
-        name: pod_name(&b),
+        name: pod_name(b),
         namespace: ns.clone(),
         labels: std::collections::BTreeMap::from([
             (labels::OWNER_KIND.to_string(), "Backup".to_string()),
@@ -159,7 +189,7 @@ pub async fn reconcile(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
         repo,
         password_secret: ctx.config.repository_password_secret.clone(),
         args: [
-            objects::owner_args(&*b),
+            objects::owner_args(b),
             vec![
                 format!("--forget-tag={tag}"),
                 format!("--grace-seconds={}", ctx.config.prune_grace_seconds),

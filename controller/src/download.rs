@@ -20,7 +20,9 @@ use crate::context::Context;
 use crate::cr::MoverCr;
 use crate::error::Result;
 use crate::objects::{self, child_name, owner_labels};
-use crate::reconcile::{Exposed, Flow, delete_pods_and_pvcs, parse_result, terminal, update};
+use crate::reconcile::{
+    Admission, Exposed, Flow, delete_pods_and_pvcs, parse_result, terminal, update,
+};
 use crate::upload::{bound_pv_nodes, cleanup_overdue};
 
 /// Annotation on a DataDownload: the mover's result, kept while the volume is rebound (the pod is gone
@@ -176,11 +178,9 @@ impl Rebind for DataDownload {
 }
 
 impl Flow for DataDownload {
-    async fn admissible(&self, ctx: &Context) -> Result<std::result::Result<bool, String>> {
-        if self.spec.snapshot_id.is_empty() {
-            return Ok(Err("spec.snapshotID is empty".into()));
-        }
+    async fn admissible(&self, ctx: &Context) -> Result<Admission> {
         let t = &self.spec.target_volume;
+        let limit = self.operation_timeout().as_secs();
         match self.target_pvc(ctx).await? {
             None => {
                 let age = self
@@ -191,22 +191,23 @@ impl Flow for DataDownload {
                             .as_secs()
                     })
                     .unwrap_or(0);
-                if age > self.operation_timeout().as_secs() as i64 {
-                    return Ok(Err(format!(
-                        "target PVC {}/{} did not appear within {}s",
-                        t.namespace,
-                        t.pvc,
-                        self.operation_timeout().as_secs()
+                if age > limit as i64 {
+                    return Ok(Admission::Refuse(format!(
+                        "target PVC {}/{} did not appear within {limit}s",
+                        t.namespace, t.pvc
                     )));
                 }
-                Ok(Ok(false))
+                Ok(Admission::Wait(format!(
+                    "waiting for the target PVC {}/{} to be created (fails after {limit}s, spec.operationTimeout)",
+                    t.namespace, t.pvc
+                )))
             }
             Some(p) => match p.spec.as_ref().and_then(|s| s.volume_name.clone()) {
-                Some(v) if !v.is_empty() => Ok(Err(format!(
+                Some(v) if !v.is_empty() => Ok(Admission::Refuse(format!(
                     "target PVC {}/{} is already bound to {v}",
                     t.namespace, t.pvc
                 ))),
-                _ => Ok(Ok(true)),
+                _ => Ok(Admission::Admit),
             },
         }
     }

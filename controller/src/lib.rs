@@ -7,7 +7,9 @@
 //! * [`pod`]: the mover pod (build and read); [`objects`]: names, labels, snapshots, BSL, placement.
 //! * [`deletion`]: a deleted Velero Backup → forget and prune in the repositories (Backup finalizer).
 //! * [`leader`]: Lease leader election; [`metrics`]: the `/metrics` endpoint; [`context`]: shared state.
+//! * [`validate`]: user-written fields checked before acting; [`backoff`]: requeue delays after errors.
 
+pub mod backoff;
 pub mod config;
 pub mod context;
 pub mod cr;
@@ -20,6 +22,12 @@ pub mod objects;
 pub mod pod;
 pub mod reconcile;
 pub mod upload;
+pub mod validate;
+
+#[cfg(test)]
+mod survival;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,16 +43,34 @@ use kube::runtime::watcher;
 pub use context::{Context, Identity};
 pub use error::{Error, Result};
 
-fn error_policy<K>(cr: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action
+/// After a failed reconcile: a conflict is retried at once with fresh data, anything else after an
+/// exponentially growing delay per object ([`backoff`]).
+fn error_policy<K>(cr: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
 where
-    K: kube::Resource,
+    K: kube::Resource<DynamicType = ()>,
 {
     if err.is_conflict() {
         tracing::debug!(name = ?cr.meta().name, "conflict; reconciling again with fresh data");
         return Action::requeue(Duration::from_millis(300));
     }
-    tracing::warn!(name = ?cr.meta().name, error = %err, "reconcile failed");
-    Action::requeue(Duration::from_secs(3))
+    let delay = ctx.backoff.failed(&backoff::key(&*cr));
+    tracing::warn!(name = ?cr.meta().name, error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs `reconcile` and resets the object's backoff when it succeeds.
+async fn tracked<K, R, F>(cr: Arc<K>, ctx: Arc<Context>, reconcile: R) -> Result<Action>
+where
+    K: kube::Resource<DynamicType = ()>,
+    R: FnOnce(Arc<K>, Arc<Context>) -> F,
+    F: Future<Output = Result<Action>>,
+{
+    let key = backoff::key(&*cr);
+    let out = reconcile(cr, ctx.clone()).await;
+    if out.is_ok() {
+        ctx.backoff.succeeded(&key);
+    }
+    out
 }
 
 fn api<K>(ctx: &Context) -> Api<K>
@@ -88,7 +114,7 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .shutdown_on_signal()
         .run(
-            reconcile::reconcile::<DataUpload>,
+            |cr, ctx| tracked(cr, ctx, reconcile::reconcile::<DataUpload>),
             error_policy,
             ctx.clone(),
         )
@@ -98,14 +124,18 @@ pub async fn run(ctx: Arc<Context>) {
         .watches(api::<Event>(&ctx), events_cfg, event_target::<DataDownload>)
         .shutdown_on_signal()
         .run(
-            reconcile::reconcile::<DataDownload>,
+            |cr, ctx| tracked(cr, ctx, reconcile::reconcile::<DataDownload>),
             error_policy,
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
     let deletions = Controller::new(api::<Backup>(&ctx), watcher::Config::default())
         .shutdown_on_signal()
-        .run(deletion::reconcile, error_policy, ctx.clone())
+        .run(
+            |b, ctx| tracked(b, ctx, deletion::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
     futures::join!(uploads, downloads, deletions);
 }

@@ -209,7 +209,10 @@ pub async fn repo_target_in(
             bsl_name, bsl.spec.provider
         )));
     }
-    let config = bsl.spec.config.clone().unwrap_or_default();
+    let config = match crate::validate::bsl_config(&bsl.spec.config.clone().unwrap_or_default()) {
+        Ok(c) => c,
+        Err(invalid) => return Ok(Err(format!("BackupStorageLocation {bsl_name}: {invalid}"))),
+    };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     // The CA bundle: caCertRef (a Secret key) wins over the inline, base64-encoded caCert.
     let ca = match (
@@ -312,17 +315,12 @@ pub async fn repo_target_in(
     }
     Ok(Ok(RepoTarget {
         url,
-        endpoint: config.get("s3Url").filter(|s| !s.is_empty()).cloned(),
-        region: config.get("region").filter(|s| !s.is_empty()).cloned(),
-        path_style: config.get("s3ForcePathStyle").map(String::as_str) == Some("true"),
-        insecure_skip_tls_verify: config
-            .get("insecureSkipTLSVerify")
-            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        endpoint: config.endpoint,
+        region: config.region,
+        path_style: config.path_style,
+        insecure_skip_tls_verify: config.insecure_skip_tls_verify,
         ca,
-        profile: config
-            .get("profile")
-            .filter(|s| !s.is_empty() && *s != "default")
-            .cloned(),
+        profile: config.profile,
         credentials,
     }))
 }

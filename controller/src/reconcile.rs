@@ -6,6 +6,11 @@
 //! 409 means someone else wrote first, and the next reconcile decides again from fresh data. The outcome is
 //! read from the mover pod, never from events. What differs between backup and restore lives behind
 //! [`Flow`] (`upload.rs`, `download.rs`).
+//!
+//! Before any step the spec is validated ([`crate::validate`]); a step that fails with an error retrying
+//! cannot fix, or keeps failing past the prepare timeout, ends the CR `Failed` with the error (see
+//! [`after_error`]). Every wait is bounded: the prepare timeout, the operation timeout, and in InProgress
+//! the no-progress timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +28,21 @@ use crate::cr::MoverCr;
 use crate::error::{Error, Result};
 use crate::objects::{self, child_name};
 use crate::pod::{self, PodPlan, PodState};
+use crate::validate::Spec;
+
+/// Annotation on a CR: when the controller last saw its progress move (RFC 3339).
+pub const PROGRESS_AT_ANNOTATION: &str = "ferry.dev/progress-at";
+
+/// Whether a CR may be accepted yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Accept it now.
+    Admit,
+    /// Not yet; the reason goes to `status.message` while waiting.
+    Wait(String),
+    /// Never: fail it with this message.
+    Refuse(String),
+}
 
 /// What expose found.
 #[derive(Debug)]
@@ -45,12 +65,9 @@ pub enum Exposed {
 }
 
 /// What differs between backup and restore.
-pub trait Flow: MoverCr {
-    /// Whether the CR may be accepted yet (restore waits for its target PVC). `Err` fails it.
-    fn admissible(
-        &self,
-        ctx: &Context,
-    ) -> impl Future<Output = Result<std::result::Result<bool, String>>> + Send;
+pub trait Flow: MoverCr + Spec {
+    /// Whether the CR may be accepted yet (restore waits for its target PVC).
+    fn admissible(&self, ctx: &Context) -> impl Future<Output = Result<Admission>> + Send;
     /// Creates (idempotently) what the mover pod needs.
     fn expose(&self, ctx: &Context) -> impl Future<Output = Result<Exposed>> + Send;
     /// The pod succeeded with `message` (the result JSON): finish the CR (restore rebinds first).
@@ -91,13 +108,57 @@ pub async fn reconcile<K: Flow>(cr: Arc<K>, ctx: Arc<Context>) -> Result<Action>
     if cr.cancel_requested() || deleting || phase == Phase::Canceling {
         return cancel(&*cr, &ctx, deleting).await;
     }
-    match phase {
+    if let Err(invalid) = cr.validate() {
+        return fail(&ctx, &*cr, invalid.to_string()).await;
+    }
+    let out = match phase {
         Phase::New => accept(&*cr, &ctx).await,
         Phase::Accepted => prepare(&*cr, &ctx).await,
         Phase::Prepared => start(&*cr, &ctx).await,
         Phase::InProgress => watch(&*cr, &ctx).await,
         _ => Ok(Action::await_change()),
+    };
+    match out {
+        Err(e) => match after_error(&*cr, &ctx, &e) {
+            AfterError::Fail(message) => fail(&ctx, &*cr, message).await,
+            AfterError::Retry => Err(e),
+        },
+        ok => ok,
     }
+}
+
+/// What a failed step means for a non-terminal CR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterError {
+    /// Try again later (with backoff): the error may go away.
+    Retry,
+    /// End the CR `Failed` with this message.
+    Fail(String),
+}
+
+/// Decides [`AfterError`]: errors retrying cannot fix fail the CR at once; in Accepted, any other error
+/// (but a conflict) fails it once the prepare timeout has passed, so no CR holds a prepare slot for ever.
+pub fn after_error<K: MoverCr>(cr: &K, ctx: &Context, e: &Error) -> AfterError {
+    let doing = match cr.phase() {
+        Phase::New => "accepting",
+        Phase::Accepted => "preparing the data path",
+        _ => "running the data path",
+    };
+    if e.is_permanent() {
+        return AfterError::Fail(format!("{doing} failed: {}", e.describe()));
+    }
+    let waited = age(cr.accepted_timestamp()).unwrap_or_default();
+    if cr.phase() == Phase::Accepted && !e.is_conflict() && waited >= ctx.config.prepare_timeout() {
+        return AfterError::Fail(prepare_timed_out(ctx, &e.describe()));
+    }
+    AfterError::Retry
+}
+
+fn prepare_timed_out(ctx: &Context, why: &str) -> String {
+    format!(
+        "timed out after {}s preparing the data path: {why}",
+        ctx.config.prepare_timeout().as_secs()
+    )
 }
 
 /// Replaces the CR with `f` applied, checked against the resourceVersion read. No-op if nothing changed.
@@ -208,12 +269,20 @@ async fn finish<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
 /// New → Accepted (claim), within the prepare queue.
 async fn accept<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
     match cr.admissible(ctx).await? {
-        Err(msg) => return fail(ctx, cr, msg).await,
-        Ok(false) => return Ok(Action::requeue(Duration::from_secs(2))),
-        Ok(true) => {}
+        Admission::Refuse(msg) => return fail(ctx, cr, msg).await,
+        Admission::Wait(why) => {
+            note(ctx, cr, &why).await?;
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Admission::Admit => {}
     }
     let preparing = count_preparing(ctx).await?;
     if preparing >= ctx.config.prepare_queue_length {
+        let why = format!(
+            "waiting for a prepare slot (prepareQueueLength {})",
+            ctx.config.prepare_queue_length
+        );
+        note(ctx, cr, &why).await?;
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     let node = ctx.identity.node.clone();
@@ -264,12 +333,7 @@ async fn get_pod<K: MoverCr>(ctx: &Context, cr: &K) -> Result<Option<Pod>> {
 async fn prepare<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
     let waited = age(cr.accepted_timestamp()).unwrap_or_default();
     let timeout = ctx.config.prepare_timeout();
-    let timed_out = |why: &str| {
-        format!(
-            "timed out after {}s preparing the data path: {why}",
-            timeout.as_secs()
-        )
-    };
+    let timed_out = |why: &str| prepare_timed_out(ctx, why);
     if let Some(p) = get_pod(ctx, cr).await? {
         return match pod::state(&p) {
             PodState::Running { node } | PodState::Succeeded { node, .. } => {
@@ -451,14 +515,51 @@ async fn watch<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
             terminal(ctx, cr, phase, Some(message), |_| {}).await
         }
         _ => {
-            follow_progress(cr, ctx).await?;
-            Ok(Action::requeue(Duration::from_secs(10)))
+            if follow_progress(cr, ctx).await? {
+                return Ok(Action::requeue(Duration::from_secs(10)));
+            }
+            match ctx.config.no_progress_timeout() {
+                Some(limit) if stalled_for(cr, &p) >= limit => {
+                    fail(ctx, cr, no_progress_message(limit)).await
+                }
+                _ => Ok(Action::requeue(Duration::from_secs(10))),
+            }
         }
     }
 }
 
-/// Copies the newest progress report from the mover's events into `status.progress` (monotonic).
-pub async fn follow_progress<K: MoverCr>(cr: &K, ctx: &Context) -> Result<()> {
+/// How long since the data path last moved: since the last progress seen, else since the mover pod
+/// started, else since the CR started.
+fn stalled_for<K: MoverCr>(cr: &K, pod: &Pod) -> Duration {
+    let stamp = |s: Option<&str>| s.and_then(|s| s.parse::<Timestamp>().ok());
+    let last = stamp(
+        cr.annotations()
+            .get(PROGRESS_AT_ANNOTATION)
+            .map(String::as_str),
+    )
+    .or_else(|| pod.status.as_ref()?.start_time.as_ref().map(|t| t.0))
+    .or_else(|| stamp(cr.clone().common().start_timestamp.as_deref()));
+    last.map(|t| {
+        let secs = Timestamp::now().duration_since(t).as_secs();
+        Duration::from_secs(secs.max(0) as u64)
+    })
+    .unwrap_or_default()
+}
+
+/// The Failed message of a CR that made no progress for `limit`; the mover pod goes with its cleanup.
+fn no_progress_message(limit: Duration) -> String {
+    let secs = limit.as_secs();
+    let span = if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    };
+    format!("no progress for {span} (noProgressTimeoutSeconds {secs}); the mover was stopped")
+}
+
+/// Copies the newest progress report from the mover's events into `status.progress` (monotonic), and
+/// stamps [`PROGRESS_AT_ANNOTATION`] when it moved. Returns whether it moved.
+pub async fn follow_progress<K: MoverCr>(cr: &K, ctx: &Context) -> Result<bool> {
     let events: Api<Event> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
     let list = events
@@ -476,10 +577,16 @@ pub async fn follow_progress<K: MoverCr>(cr: &K, ctx: &Context) -> Result<()> {
         best.total_bytes = best.total_bytes.max(r.total_bytes as i64);
         best.bytes_done = best.bytes_done.max(r.done_bytes as i64);
     }
-    if best != before {
-        update(ctx, cr, |c| *c.common().progress = Some(best)).await?;
+    if best == before {
+        return Ok(false);
     }
-    Ok(())
+    update(ctx, cr, |c| {
+        c.annotations_mut()
+            .insert(PROGRESS_AT_ANNOTATION.into(), now());
+        *c.common().progress = Some(best);
+    })
+    .await?;
+    Ok(true)
 }
 
 /// Cancel (spec.cancel or deletion) in any non-terminal phase; Canceled once the pod is gone or ended.
@@ -539,30 +646,9 @@ async fn cancel<K: Flow>(cr: &K, ctx: &Context, deleting: bool) -> Result<Action
 mod tests {
     //! The phase machine against kube's mock service: every request the controller makes is checked.
     use super::*;
-    use crate::config::Config;
-    use crate::context::{Identity, Metrics};
+    use crate::testing::{ctx, empty_list, failure, ok};
     use ferry_proto::velero::DataUpload;
-    use http::{Request, Response};
-    use kube::client::Body;
     use serde_json::json;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-    fn ctx() -> (Arc<Context>, Handle) {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(svc, "velero");
-        let ctx = Context {
-            client,
-            config: Config::default(),
-            identity: Identity {
-                node: "node-a".into(),
-                pod: "ctrl-0".into(),
-            },
-            metrics: Metrics::default(),
-            placement: Default::default(),
-        };
-        (Arc::new(ctx), handle)
-    }
 
     fn du(datamover: &str, status: serde_json::Value) -> DataUpload {
         serde_json::from_value(json!({
@@ -574,26 +660,6 @@ mod tests {
             "status": status,
         }))
         .expect("du")
-    }
-
-    fn ok(v: serde_json::Value) -> Response<Body> {
-        Response::builder()
-            .body(Body::from(serde_json::to_vec(&v).expect("json")))
-            .expect("response")
-    }
-
-    /// An API error response (`Status`) with `code` and `reason`.
-    fn failure(code: u16, reason: &str) -> Response<Body> {
-        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": reason, "reason": reason, "code": code});
-        Response::builder()
-            .status(code)
-            .body(Body::from(serde_json::to_vec(&status).expect("json")))
-            .expect("response")
-    }
-
-    fn empty_list(kind: &str) -> serde_json::Value {
-        json!({"apiVersion": "velero.io/v2alpha1", "kind": kind, "metadata": {}, "items": []})
     }
 
     #[tokio::test]

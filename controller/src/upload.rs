@@ -23,7 +23,7 @@ use crate::context::Context;
 use crate::cr::MoverCr;
 use crate::error::Result;
 use crate::objects::{self, child_name, owner_labels, vs_api, vsc_api};
-use crate::reconcile::{Exposed, Flow, delete_pods_and_pvcs, parse_result, terminal};
+use crate::reconcile::{Admission, Exposed, Flow, delete_pods_and_pvcs, parse_result, terminal};
 
 /// Annotation on our VolumeSnapshot: the source PVC's volume mode and size.
 const VOLUME_MODE: &str = "ferry.dev/volume-mode";
@@ -49,21 +49,31 @@ fn since_accepted(du: &DataUpload) -> Duration {
         .unwrap_or_default()
 }
 
+/// What taking over the source snapshot came to.
+enum Handover {
+    /// Our clone exists and the source is released.
+    Done,
+    /// The source snapshot is not ready yet (why).
+    Waiting(String),
+    /// It cannot be taken over (why).
+    Failed(String),
+}
+
 /// Upload-only steps.
 trait TakeOver {
-    async fn take_snapshot(&self, ctx: &Context) -> Result<Option<String>>;
+    async fn take_snapshot(&self, ctx: &Context) -> Result<Handover>;
 }
 
 impl TakeOver for DataUpload {
     /// Clones the source VolumeSnapshot/Content into ours (idempotent), then releases the source.
-    async fn take_snapshot(&self, ctx: &Context) -> Result<Option<String>> {
+    async fn take_snapshot(&self, ctx: &Context) -> Result<Handover> {
         let ns = self.namespace().unwrap_or_default();
         let name = child_name(self);
         let csi = self.spec.csi_snapshot.clone().unwrap_or_default();
         let src_ns = &self.spec.source_namespace;
         let src_vs_api = vs_api(&ctx.client, src_ns);
         let Some(src) = objects::get_opt(&src_vs_api, &csi.volume_snapshot).await? else {
-            return Ok(Some(format!(
+            return Ok(Handover::Failed(format!(
                 "VolumeSnapshot {src_ns}/{} not found",
                 csi.volume_snapshot
             )));
@@ -78,23 +88,25 @@ impl TakeOver for DataUpload {
                 .unwrap_or("not ready yet");
             let waited = since_accepted(self);
             if waited > self.operation_timeout() {
-                return Ok(Some(format!(
+                return Ok(Handover::Failed(format!(
                     "VolumeSnapshot {src_ns}/{} not ready after {}s: {err}",
                     csi.volume_snapshot,
                     waited.as_secs()
                 )));
             }
-            return Err(crate::error::Error::Invalid(format!(
-                "waiting: VolumeSnapshot {src_ns}/{} {err}",
+            return Ok(Handover::Waiting(format!(
+                "VolumeSnapshot {src_ns}/{} {err}",
                 csi.volume_snapshot
             )));
         }
         let vscs = vsc_api(&ctx.client);
         let Some(src_vsc) = objects::get_opt(&vscs, &bound).await? else {
-            return Ok(Some(format!("VolumeSnapshotContent {bound} not found")));
+            return Ok(Handover::Failed(format!(
+                "VolumeSnapshotContent {bound} not found"
+            )));
         };
         let Some(handle) = src_vsc.data["status"]["snapshotHandle"].as_str() else {
-            return Ok(Some(format!(
+            return Ok(Handover::Failed(format!(
                 "VolumeSnapshotContent {bound} has no snapshot handle"
             )));
         };
@@ -160,22 +172,14 @@ impl TakeOver for DataUpload {
         .await?;
         objects::delete_idempotent(&src_vs_api, &csi.volume_snapshot, None).await?;
         objects::delete_idempotent(&vscs, &bound, None).await?;
-        Ok(None)
+        Ok(Handover::Done)
     }
 }
 
 impl Flow for DataUpload {
-    async fn admissible(&self, _ctx: &Context) -> Result<std::result::Result<bool, String>> {
-        if self.spec.snapshot_type != "CSI" {
-            return Ok(Err(format!(
-                "snapshotType {:?} is not supported (only CSI)",
-                self.spec.snapshot_type
-            )));
-        }
-        match &self.spec.csi_snapshot {
-            Some(c) if !c.volume_snapshot.is_empty() => Ok(Ok(true)),
-            _ => Ok(Err("spec.csiSnapshot.volumeSnapshot is empty".into())),
-        }
+    async fn admissible(&self, _ctx: &Context) -> Result<Admission> {
+        // Everything a DataUpload needs before acceptance is in its spec, checked by validation.
+        Ok(Admission::Admit)
     }
 
     async fn expose(&self, ctx: &Context) -> Result<Exposed> {
@@ -184,14 +188,13 @@ impl Flow for DataUpload {
         let vss = vs_api(&ctx.client, &ns);
         let vs = match objects::get_opt(&vss, &name).await? {
             Some(vs) => vs,
-            None => match self.take_snapshot(ctx).await {
-                Ok(None) => return Ok(Exposed::Waiting("snapshot taken over".into())),
-                Ok(Some(fail)) => return Ok(Exposed::Failed(fail)),
-                Err(crate::error::Error::Invalid(w)) if w.starts_with("waiting: ") => {
-                    return Ok(Exposed::Waiting(w["waiting: ".len()..].to_string()));
-                }
-                Err(e) => return Err(e),
-            },
+            None => {
+                return Ok(match self.take_snapshot(ctx).await? {
+                    Handover::Done => Exposed::Waiting("snapshot taken over".into()),
+                    Handover::Waiting(why) => Exposed::Waiting(why),
+                    Handover::Failed(why) => Exposed::Failed(why),
+                });
+            }
         };
         if !ready(&vs) {
             return Ok(Exposed::Waiting(format!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use ferry_controller::config::Config;
-use ferry_controller::context::{Context, Identity, Metrics};
+use ferry_controller::context::{Context, Identity};
 use ferry_controller::leader::Election;
 
 /// Ferry's DataUpload / DataDownload controller.
@@ -59,13 +59,7 @@ async fn main() -> Result<()> {
         pod: std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("ferry-controller-{}", std::process::id())),
     };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        config,
-        identity: identity.clone(),
-        metrics: Metrics::default(),
-        placement: Default::default(),
-    });
+    let ctx = Arc::new(Context::new(client.clone(), config, identity.clone()));
     let metrics = tokio::spawn(ferry_controller::metrics::serve(
         args.metrics_addr,
         ctx.clone(),

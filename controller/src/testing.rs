@@ -1,0 +1,106 @@
+//! Test support: a controller context on kube's mock service, and a fake API server that answers by route
+//! and records every request, so a test can assert on what the controller asked for and wrote.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::context::{Context, Identity};
+
+/// The test end of the mock service.
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// A context on the mock service with `config`.
+pub fn ctx_with(config: Config) -> (Arc<Context>, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "velero");
+    let identity = Identity {
+        node: "node-a".into(),
+        pod: "ctrl-0".into(),
+    };
+    (Arc::new(Context::new(client, config, identity)), handle)
+}
+
+/// A context on the mock service with the default configuration.
+pub fn ctx() -> (Arc<Context>, Handle) {
+    ctx_with(Config::default())
+}
+
+/// A 200 response with `v`.
+pub fn ok(v: Value) -> Response<Body> {
+    Response::builder()
+        .body(Body::from(serde_json::to_vec(&v).expect("json")))
+        .expect("response")
+}
+
+/// An API error response (`Status`) with `code` and `reason`.
+pub fn failure(code: u16, reason: &str) -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": reason, "reason": reason, "code": code});
+    Response::builder()
+        .status(code)
+        .body(Body::from(serde_json::to_vec(&status).expect("json")))
+        .expect("response")
+}
+
+/// An empty list of `kind`.
+pub fn empty_list(kind: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": []})
+}
+
+/// One request the controller made.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// HTTP method.
+    pub method: Method,
+    /// URI path.
+    pub path: String,
+    /// JSON body (Null when none).
+    pub body: Value,
+}
+
+impl Seen {
+    /// Whether this is `method` on a path ending with `suffix`.
+    pub fn is(&self, method: &Method, suffix: &str) -> bool {
+        self.method == method && self.path.ends_with(suffix)
+    }
+}
+
+/// Answers every request with `route` until the client is dropped; returns what was seen.
+pub fn serve(
+    mut handle: Handle,
+    route: impl Fn(&Seen) -> Response<Body> + Send + 'static,
+) -> tokio::task::JoinHandle<Vec<Seen>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_secs(2), handle.next_request()).await
+        {
+            let (parts, body) = req.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .expect("body")
+                .to_bytes();
+            let s = Seen {
+                method: parts.method,
+                path: parts.uri.path().to_string(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            };
+            send.send_response(route(&s));
+            seen.push(s);
+        }
+        seen
+    })
+}
+
+/// The status the controller last wrote to a DataUpload or DataDownload (by replace), if any.
+pub fn last_status(seen: &[Seen]) -> Option<Value> {
+    seen.iter()
+        .rev()
+        .find(|s| s.method == Method::PUT && s.body["status"].is_object())
+        .map(|s| s.body["status"].clone())
+}
