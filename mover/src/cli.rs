@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use ferry_mover::backend::{Location, s3::S3Options};
+use ferry_mover::backend::{
+    Location,
+    s3::{self, S3Options},
+};
 use ferry_mover::backup::{BackupOptions, ParentSpec};
 use ferry_mover::crypto::KdfParams;
 use ferry_mover::progress::Progress;
@@ -58,6 +61,26 @@ pub struct Global {
     /// Do not verify the S3 server's TLS certificate (self-signed test servers only).
     #[arg(long, env = "FERRY_S3_INSECURE_SKIP_TLS_VERIFY", global = true)]
     pub s3_insecure_skip_tls_verify: bool,
+    /// Longest wait for a connection to the S3 endpoint, in seconds.
+    #[arg(long, env = "FERRY_S3_CONNECT_TIMEOUT", global = true, value_name = "SECONDS",
+          default_value_t = s3::DEFAULT_CONNECT_TIMEOUT.as_secs())]
+    pub s3_connect_timeout: u64,
+    /// Longest single S3 request attempt (sending a pack included), in seconds.
+    #[arg(long, env = "FERRY_S3_ATTEMPT_TIMEOUT", global = true, value_name = "SECONDS",
+          default_value_t = s3::DEFAULT_ATTEMPT_TIMEOUT.as_secs())]
+    pub s3_attempt_timeout: u64,
+    /// Longest silence while an S3 download streams in, in seconds (the read is then retried).
+    #[arg(long, env = "FERRY_S3_READ_TIMEOUT", global = true, value_name = "SECONDS",
+          default_value_t = s3::DEFAULT_READ_TIMEOUT.as_secs())]
+    pub s3_read_timeout: u64,
+    /// Longest S3 call, retries included, in seconds (at most 120).
+    #[arg(long, env = "FERRY_S3_OPERATION_TIMEOUT", global = true, value_name = "SECONDS",
+          default_value_t = s3::DEFAULT_OPERATION_TIMEOUT.as_secs())]
+    pub s3_operation_timeout: u64,
+    /// Attempts per S3 call, the first included.
+    #[arg(long, env = "FERRY_S3_MAX_ATTEMPTS", global = true,
+          default_value_t = s3::DEFAULT_MAX_ATTEMPTS)]
+    pub s3_max_attempts: u32,
     /// Directory of the local metadata cache.
     #[arg(long, env = "FERRY_CACHE_DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
@@ -266,7 +289,7 @@ impl Ctx {
                 _ => None,
             },
             insecure_skip_tls_verify: g.s3_insecure_skip_tls_verify,
-            ..Default::default()
+            ..s3_limits(g)
         };
         Ok(ferry_mover::open_backend(&self.location()?, s3).await?)
     }
@@ -757,5 +780,91 @@ pub fn human(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", U[i])
+    }
+}
+
+/// The S3 limits given on the command line (the rest of the options at their defaults).
+fn s3_limits(g: &Global) -> S3Options {
+    S3Options {
+        connect_timeout: Duration::from_secs(g.s3_connect_timeout),
+        attempt_timeout: Duration::from_secs(g.s3_attempt_timeout),
+        read_timeout: Duration::from_secs(g.s3_read_timeout),
+        operation_timeout: Duration::from_secs(g.s3_operation_timeout),
+        max_attempts: g.s3_max_attempts,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod s3_flag_tests {
+    use super::*;
+
+    fn global(args: &[&str]) -> Global {
+        let mut argv = vec!["ferry", "snapshots"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("parses").global
+    }
+
+    #[test]
+    fn s3_limit_flags() {
+        // Defaults are the library's.
+        let d = s3_limits(&global(&[]));
+        let lib = S3Options::default();
+        assert_eq!(
+            (
+                d.connect_timeout,
+                d.attempt_timeout,
+                d.read_timeout,
+                d.operation_timeout,
+                d.max_attempts
+            ),
+            (
+                lib.connect_timeout,
+                lib.attempt_timeout,
+                lib.read_timeout,
+                lib.operation_timeout,
+                lib.max_attempts
+            )
+        );
+        d.validate_limits().expect("defaults are valid");
+
+        let o = s3_limits(&global(&[
+            "--s3-connect-timeout",
+            "3",
+            "--s3-attempt-timeout",
+            "20",
+            "--s3-read-timeout",
+            "5",
+            "--s3-operation-timeout",
+            "90",
+            "--s3-max-attempts",
+            "2",
+        ]));
+        assert_eq!(o.connect_timeout, Duration::from_secs(3));
+        assert_eq!(o.attempt_timeout, Duration::from_secs(20));
+        assert_eq!(o.read_timeout, Duration::from_secs(5));
+        assert_eq!(o.operation_timeout, Duration::from_secs(90));
+        assert_eq!(o.max_attempts, 2);
+        o.validate_limits().expect("valid");
+
+        // Refused: unbounded or too loose for leases.
+        for bad in [
+            vec!["--s3-operation-timeout", "200"],
+            vec!["--s3-connect-timeout", "0"],
+            vec!["--s3-max-attempts", "0"],
+            vec![
+                "--s3-attempt-timeout",
+                "100",
+                "--s3-operation-timeout",
+                "50",
+            ],
+        ] {
+            let err = s3_limits(&global(&bad))
+                .validate_limits()
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("S3 limits"), "{bad:?}: {err}");
+        }
+        assert!(Cli::try_parse_from(["ferry", "snapshots", "--s3-max-attempts", "x"]).is_err());
     }
 }

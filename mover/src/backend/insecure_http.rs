@@ -80,9 +80,10 @@ impl HttpConnector for InsecureClient {
             match fut.await {
                 Ok(resp) => HttpResponse::try_from(resp.map(SdkBody::from_body_1_x))
                     .map_err(|e| ConnectorError::other(e.into(), None)),
-                // Connection-level failures are retryable I/O errors; the rest is reported as is.
-                Err(e) if e.is_connect() => Err(ConnectorError::io(e.into())),
-                Err(e) => Err(ConnectorError::other(e.into(), None)),
+                // Everything this client reports is a transport failure — no connection, a reset, a
+                // response cut short — so all of it is a retryable I/O error for the SDK (whose retries
+                // and timeouts bound it), as the SDK's own client classifies them.
+                Err(e) => Err(ConnectorError::io(e.into())),
             }
         })
     }
@@ -98,8 +99,9 @@ impl HttpClient for InsecureClient {
     }
 }
 
-/// An SDK HTTP client that skips certificate verification (HTTP/1.1, TLS 1.2 and 1.3, aws-lc-rs).
-pub fn client() -> SharedHttpClient {
+/// An SDK HTTP client that skips certificate verification (HTTP/1.1, TLS 1.2 and 1.3, aws-lc-rs). The
+/// SDK bounds each attempt and operation itself; connecting is bounded by `connect_timeout`.
+pub fn client(connect_timeout: std::time::Duration) -> SharedHttpClient {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let algorithms = provider.signature_verification_algorithms;
     let tls = rustls::ClientConfig::builder_with_provider(provider as Arc<CryptoProvider>)
@@ -111,7 +113,7 @@ pub fn client() -> SharedHttpClient {
     let mut tcp = TcpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    tcp.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

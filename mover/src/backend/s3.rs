@@ -1,20 +1,56 @@
 //! S3 backend (aws-sdk-s3). Works with AWS and S3-compatible servers: custom endpoint, path-style
-//! addressing, checksums only where required, credentials from the standard AWS chain or given directly.
+//! addressing, credentials from the standard AWS chain or given directly.
+//!
+//! Faults are bounded: every call has a connect timeout, a per-attempt timeout and a whole-operation
+//! timeout, and is retried a few times with exponential backoff and full jitter on 5xx answers,
+//! throttling (503 SlowDown), connection resets and timeouts (the SDK's standard retry strategy).
+//! Reading a GET's body happens after the SDK has handed over the response, so a body that stops
+//! early, is reset, or goes silent for [`S3Options::read_timeout`] is retried here, within the same
+//! operation deadline. Uploads carry a CRC32C checksum (`x-amz-checksum-crc32c`) that the server checks,
+//! so a body corrupted on its way is refused (and sent again) instead of stored. Every storage call thus
+//! ends — done or failed with the operation, the key and the cause — within [`S3Options::operation_timeout`]
+//! (at most [`MAX_OPERATION_TIMEOUT`]), which repository leases rely on (`crate::lease`).
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::{
+    ClassifyRetry, RetryAction, RetryConfig, RetryPartition, TokenBucket,
+};
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::put_object::PutObjectError;
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ChecksumAlgorithm;
 use bytes::Bytes;
 
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
 
-/// How to reach an S3 bucket.
-#[derive(Debug, Clone, Default)]
+/// Default [`S3Options::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`S3Options::read_timeout`].
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`S3Options::attempt_timeout`]: a 16 MiB pack at 300 KiB/s.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`S3Options::operation_timeout`].
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(100);
+/// The longest [`S3Options::operation_timeout`] allowed: storage calls must stay well under half the
+/// 300 s stale period of repository leases (`crate::lease`).
+pub const MAX_OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default [`S3Options::max_attempts`].
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+/// Default [`S3Options::initial_backoff`].
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Default [`S3Options::max_backoff`].
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(20);
+
+/// How to reach an S3 bucket, and the limits of every call.
+#[derive(Debug, Clone)]
 pub struct S3Options {
     /// Bucket name.
     pub bucket: String,
@@ -34,6 +70,111 @@ pub struct S3Options {
     pub ca_pem: Option<Vec<u8>>,
     /// Accept any server certificate: the BSL's `insecureSkipTLSVerify`.
     pub insecure_skip_tls_verify: bool,
+    /// Longest wait for a TCP (and TLS) connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// Longest silence while a GET's body streams in; the read is then retried (default 30 s).
+    pub read_timeout: Duration,
+    /// Longest single attempt, from sending the request to the end of the response head — for a PUT
+    /// that includes sending the body (default 60 s).
+    pub attempt_timeout: Duration,
+    /// Longest whole call, all attempts and backoff included; a GET's body too (default 100 s, at most
+    /// [`MAX_OPERATION_TIMEOUT`]).
+    pub operation_timeout: Duration,
+    /// Attempts per call, the first included (default 4).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; it doubles for each next one, up to `max_backoff`, and the
+    /// actual wait is a random fraction of it (full jitter). Default 1 s.
+    pub initial_backoff: Duration,
+    /// Longest backoff between attempts (default 20 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            path_style: false,
+            credentials: None,
+            profile: None,
+            ca_pem: None,
+            insecure_skip_tls_verify: false,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+impl S3Options {
+    /// Refuses limits that would leave calls unbounded, or bounded too loosely for leases.
+    pub fn validate_limits(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Invalid(format!("S3 limits: {what}")));
+        for (name, d) in [
+            ("connect timeout", self.connect_timeout),
+            ("read timeout", self.read_timeout),
+            ("attempt timeout", self.attempt_timeout),
+            ("operation timeout", self.operation_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(format!("the {name} must be positive"));
+            }
+        }
+        if self.operation_timeout > MAX_OPERATION_TIMEOUT {
+            return bad(format!(
+                "the operation timeout {:?} is over the maximum {MAX_OPERATION_TIMEOUT:?} (repository \
+                 leases need storage calls bounded well under half their 300 s stale period)",
+                self.operation_timeout
+            ));
+        }
+        if self.attempt_timeout > self.operation_timeout {
+            return bad(format!(
+                "the attempt timeout {:?} is longer than the operation timeout {:?}",
+                self.attempt_timeout, self.operation_timeout
+            ));
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return bad(format!(
+                "{} attempts per call (1 to 20 allowed)",
+                self.max_attempts
+            ));
+        }
+        if self.initial_backoff > self.max_backoff {
+            return bad(format!(
+                "the initial backoff {:?} is longer than the maximum backoff {:?}",
+                self.initial_backoff, self.max_backoff
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The limits a backend keeps for the retries it does itself (a GET's body).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    read_timeout: Duration,
+    operation_timeout: Duration,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Limits {
+    /// Exponential backoff with full jitter before retry number `retry` (1 for the first).
+    fn backoff(&self, retry: u32) -> Duration {
+        let cap = self
+            .initial_backoff
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
+            .min(self.max_backoff);
+        let fraction = f64::from(getrandom::u32().unwrap_or(u32::MAX / 2)) / f64::from(u32::MAX);
+        cap.mul_f64(fraction)
+    }
 }
 
 /// A repository under a prefix of an S3 bucket.
@@ -42,6 +183,45 @@ pub struct S3Backend {
     client: Client,
     bucket: String,
     prefix: String,
+    limits: Limits,
+}
+
+/// A PUT refused because the body the server received does not match its checksum (CRC32C, or the
+/// signed payload hash) was damaged on its way: send it again, like a reset connection.
+#[derive(Debug)]
+struct CorruptedUploadIsTransient;
+
+impl ClassifyRetry for CorruptedUploadIsTransient {
+    fn classify_retry(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::InterceptorContext,
+    ) -> RetryAction {
+        let Some(Err(err)) = ctx.output_or_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let code = err
+            .as_operation_error()
+            .and_then(|e| e.downcast_ref::<PutObjectError>())
+            .and_then(|e| e.code());
+        match code {
+            Some("BadDigest" | "XAmzContentChecksumMismatch" | "XAmzContentSHA256Mismatch") => {
+                RetryAction::transient_error()
+            }
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "corrupted upload"
+    }
+}
+
+/// Why one GET attempt failed.
+enum GetFailure {
+    /// Final: missing key, refused, out of SDK retries.
+    Final(Error),
+    /// The body broke off or went silent; worth another attempt.
+    Body(String),
 }
 
 fn sdk_err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
@@ -106,6 +286,7 @@ fn https_client_trusting(
 impl S3Backend {
     /// Connects (lazily) to the bucket described by `o`.
     pub async fn new(o: S3Options) -> Result<Self> {
+        o.validate_limits()?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(p) = &o.profile {
             loader = loader.profile_name(p);
@@ -129,16 +310,38 @@ impl S3Backend {
         let mut cfg = aws_sdk_s3::config::Builder::from(&shared)
             .region(region)
             .force_path_style(o.path_style)
-            // S3-compatible servers often reject the newer default integrity checksums.
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            // Checksums where supported: the SDK then computes the CRC32C that `put` asks for (sent as
+            // a header, the body being in memory, not as an aws-chunked trailer). GETs need no response
+            // checksum: every object is authenticated (AES-GCM) when read.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenSupported)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(6));
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(o.connect_timeout)
+                    .operation_attempt_timeout(o.attempt_timeout)
+                    .operation_timeout(o.operation_timeout)
+                    .build(),
+            )
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(o.max_attempts)
+                    .with_initial_backoff(o.initial_backoff)
+                    .with_max_backoff(o.max_backoff),
+            )
+            // This backend's own retry budget: the SDK's default one is shared by every client in
+            // the process, and a burst of faults on one repository must not stop retries on another.
+            .retry_partition(
+                RetryPartition::custom("ferry-s3")
+                    .token_bucket(TokenBucket::unlimited())
+                    .build(),
+            )
+            .retry_classifier(CorruptedUploadIsTransient);
         if let Some(ep) = &o.endpoint {
             cfg = cfg.endpoint_url(ep);
         }
         if o.insecure_skip_tls_verify {
             tracing::warn!("S3 server certificates are not verified (insecureSkipTLSVerify)");
-            cfg = cfg.http_client(super::insecure_http::client());
+            cfg = cfg.http_client(super::insecure_http::client(o.connect_timeout));
         } else if let Some(pem) = &o.ca_pem {
             cfg = cfg.http_client(https_client_trusting(pem)?);
         }
@@ -146,6 +349,13 @@ impl S3Backend {
             client: Client::from_conf(cfg.build()),
             bucket: o.bucket,
             prefix: o.prefix,
+            limits: Limits {
+                read_timeout: o.read_timeout,
+                operation_timeout: o.operation_timeout,
+                max_attempts: o.max_attempts,
+                initial_backoff: o.initial_backoff,
+                max_backoff: o.max_backoff,
+            },
         })
     }
 
@@ -157,11 +367,106 @@ impl S3Backend {
         }
     }
 
-    async fn read_body(key: &str, body: ByteStream) -> Result<Bytes> {
-        body.collect()
+    /// One GET attempt (the SDK retries sending it); the body read with at most `read_timeout` of
+    /// silence.
+    async fn get_once(
+        &self,
+        key: &str,
+        range: Option<&str>,
+    ) -> std::result::Result<Bytes, GetFailure> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .set_range(range.map(str::to_string))
+            .send()
             .await
-            .map(|d| d.into_bytes())
-            .map_err(|e| Error::backend("get", key, e))
+        {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
+                return Err(GetFailure::Final(Error::NotFound(key.to_string())));
+            }
+            Err(e) => return Err(GetFailure::Final(sdk_err("get", key, e))),
+        };
+        let expected = out.content_length().and_then(|l| usize::try_from(l).ok());
+        let mut body: ByteStream = out.body;
+        let mut data = bytes::BytesMut::with_capacity(expected.unwrap_or(0));
+        loop {
+            match tokio::time::timeout(self.limits.read_timeout, body.next()).await {
+                Err(_) => {
+                    return Err(GetFailure::Body(format!(
+                        "the body stalled: nothing for {:?} after {} bytes",
+                        self.limits.read_timeout,
+                        data.len()
+                    )));
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(piece))) => data.extend_from_slice(&piece),
+                Ok(Some(Err(e))) => {
+                    return Err(GetFailure::Body(format!(
+                        "the body broke off after {} bytes: {}",
+                        data.len(),
+                        aws_smithy_types::error::display::DisplayErrorContext(&e)
+                    )));
+                }
+            }
+        }
+        if let Some(n) = expected
+            && n != data.len()
+        {
+            return Err(GetFailure::Body(format!(
+                "the body ended after {} of {n} bytes",
+                data.len()
+            )));
+        }
+        Ok(data.freeze())
+    }
+
+    /// A GET with its body, retried (bounded, with backoff) when the body breaks off, all within the
+    /// operation timeout.
+    async fn get_object(&self, key: &str, range: Option<&str>) -> Result<Bytes> {
+        let l = self.limits;
+        let deadline = tokio::time::Instant::now() + l.operation_timeout;
+        let mut attempt = 1;
+        loop {
+            let failure = match tokio::time::timeout_at(deadline, self.get_once(key, range)).await {
+                Err(_) => {
+                    return Err(Error::backend(
+                        "get",
+                        key,
+                        format!(
+                            "no complete answer within the operation timeout of {:?} ({attempt} attempt(s))",
+                            l.operation_timeout
+                        ),
+                    ));
+                }
+                Ok(Ok(data)) => return Ok(data),
+                Ok(Err(GetFailure::Final(e))) => return Err(e),
+                Ok(Err(GetFailure::Body(why))) => why,
+            };
+            if attempt >= l.max_attempts {
+                return Err(Error::backend(
+                    "get",
+                    key,
+                    format!("gave up after {attempt} attempts: {failure}"),
+                ));
+            }
+            let wait = l.backoff(attempt);
+            tracing::warn!(key, attempt, ?wait, "S3 GET failed, retrying: {failure}");
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(Error::backend(
+                    "get",
+                    key,
+                    format!(
+                        "no time left within the operation timeout of {:?} after {attempt} attempt(s): {failure}",
+                        l.operation_timeout
+                    ),
+                ));
+            }
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
     }
 }
 
@@ -178,6 +483,7 @@ impl Backend for S3Backend {
             .bucket(&self.bucket)
             .key(self.full(key))
             .content_length(len)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .body(ByteStream::from(data))
             .send()
             .await
@@ -193,8 +499,9 @@ impl Backend for S3Backend {
             .bucket(&self.bucket)
             .key(self.full(key))
             .content_length(len)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .if_none_match("*")
-            .body(ByteStream::from(data))
+            .body(ByteStream::from(data.clone()))
             .send()
             .await
         {
@@ -203,27 +510,21 @@ impl Backend for S3Backend {
                 if matches!(e.raw().status().as_u16(), 412 | 409)
                     || e.err().code() == Some("PreconditionFailed") =>
             {
-                Ok(false)
+                // The object exists — but it may be ours: when the answer to a first attempt was lost,
+                // the SDK sends the PUT again and this is the answer to the retry. Ours if it holds
+                // exactly our bytes (callers write unique content, such as a config with a random id).
+                match self.get(key).await {
+                    Ok(there) => Ok(there == data),
+                    Err(Error::NotFound(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(sdk_err("put", key, e)),
         }
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
-        match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .send()
-            .await
-        {
-            Ok(out) => Self::read_body(key, out.body).await,
-            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
-                Err(Error::NotFound(key.to_string()))
-            }
-            Err(e) => Err(sdk_err("get", key, e)),
-        }
+        self.get_object(key, None).await
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes> {
@@ -231,22 +532,7 @@ impl Backend for S3Backend {
             return Ok(Bytes::new());
         }
         let range = format!("bytes={}-{}", offset, offset + len - 1);
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .range(range)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
-                return Err(Error::NotFound(key.to_string()));
-            }
-            Err(e) => return Err(sdk_err("get", key, e)),
-        };
-        let b = Self::read_body(key, out.body).await?;
+        let b = self.get_object(key, Some(&range)).await?;
         if b.len() as u64 != len {
             return Err(Error::backend(
                 "get",
@@ -302,5 +588,92 @@ impl Backend for S3Backend {
             .await
             .map_err(|e| sdk_err("delete", key, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_limits_are_valid_and_bounded_for_leases() {
+        let o = S3Options::default();
+        o.validate_limits().expect("valid");
+        assert!(o.operation_timeout <= MAX_OPERATION_TIMEOUT);
+        // Well under half of the leases' 300 s stale period (`crate::lease`).
+        assert!(MAX_OPERATION_TIMEOUT * 2 < Duration::from_secs(300));
+        assert_eq!(o.connect_timeout, Duration::from_secs(10));
+        assert_eq!(o.attempt_timeout, Duration::from_secs(60));
+        assert_eq!(o.max_attempts, 4);
+    }
+
+    #[test]
+    fn invalid_limits_are_refused() {
+        let cases: [(&str, S3Options); 6] = [
+            (
+                "positive",
+                S3Options {
+                    read_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+            ),
+            (
+                "maximum",
+                S3Options {
+                    operation_timeout: Duration::from_secs(121),
+                    ..Default::default()
+                },
+            ),
+            (
+                "longer than the operation",
+                S3Options {
+                    attempt_timeout: Duration::from_secs(90),
+                    operation_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                },
+            ),
+            (
+                "attempts",
+                S3Options {
+                    max_attempts: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "attempts",
+                S3Options {
+                    max_attempts: 21,
+                    ..Default::default()
+                },
+            ),
+            (
+                "maximum backoff",
+                S3Options {
+                    initial_backoff: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (want, o) in cases {
+            let err = o.validate_limits().expect_err("refused").to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_exponential_capped_and_jittered() {
+        let l = Limits {
+            read_timeout: Duration::from_secs(1),
+            operation_timeout: Duration::from_secs(10),
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(700),
+        };
+        for retry in 1..12 {
+            let cap = Duration::from_millis((100u64 << (retry - 1)).min(700));
+            let waits: Vec<_> = (0..50).map(|_| l.backoff(retry)).collect();
+            assert!(waits.iter().all(|w| *w <= cap), "{retry}: {waits:?}");
+            assert!(waits.iter().any(|w| *w != waits[0]), "no jitter: {waits:?}");
+        }
     }
 }
