@@ -393,3 +393,4 @@ impl Backend for Gate {
     }
 }
 
+pub mod faulty_s3;
