@@ -419,6 +419,13 @@ async fn resolve_parent(
     }
 }
 
+/// Writes an index segment while the lease holds: once a prune may have presumed this backup dead (and
+/// deleted its packs as garbage), it must not name them in an index.
+async fn write_index(repo: &Repository, lease: &Lease, segment: &IndexSegment) -> Result<()> {
+    lease.ensure_held().await?;
+    repo.write_index(segment).await.map(|_| ())
+}
+
 /// Backs up `opts.path` into `repo`, reporting through `progress`.
 pub async fn backup(
     repo: Arc<Repository>,
@@ -607,7 +614,7 @@ async fn run(
                     pending.push(ip);
                     if pending.len() >= 64 {
                         let seg = IndexSegment { version: INDEX_VERSION, packs: std::mem::take(&mut pending) };
-                        if let Err(e) = repo.write_index(&seg).await { upload_err = Some(e); break; }
+                        if let Err(e) = write_index(&repo, lease, &seg).await { upload_err = Some(e); break; }
                     }
                 }
                 Err(e) => { upload_err = Some(e); break; }
@@ -632,7 +639,7 @@ async fn run(
             version: INDEX_VERSION,
             packs: pending,
         };
-        repo.write_index(&segment).await.map(|_| ())
+        write_index(&repo, lease, &segment).await
     };
     if let Some(e) = upload_err {
         return Err(e);

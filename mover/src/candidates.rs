@@ -70,8 +70,8 @@ pub async fn load(repo: &Repository) -> Result<PruneState> {
     };
     let plain = pack::decode(repo.keys(), Kind::PruneState, &raw)
         .map_err(|e| Error::Integrity(format!("{STATE_KEY}: {e}")))?;
-    let f: StateFile = serde_json::from_slice(&plain)
-        .map_err(|e| Error::Format(format!("{STATE_KEY}: {e}")))?;
+    let f: StateFile =
+        serde_json::from_slice(&plain).map_err(|e| Error::Format(format!("{STATE_KEY}: {e}")))?;
     if f.version != 1 && f.version != STATE_VERSION {
         return Err(Error::Format(format!(
             "{STATE_KEY} version {} is not supported",

@@ -746,7 +746,10 @@ fn print_node(json: bool, path: &Path, n: &ferry_mover::tree::Node) {
 }
 
 /// Prune options from the command line.
-pub fn prune_options(grace_seconds: u64, lock_wait_seconds: u64) -> ferry_mover::prune::PruneOptions {
+pub fn prune_options(
+    grace_seconds: u64,
+    lock_wait_seconds: u64,
+) -> ferry_mover::prune::PruneOptions {
     ferry_mover::prune::PruneOptions {
         grace: Duration::from_secs(grace_seconds),
         lock_wait: Duration::from_secs(lock_wait_seconds),

@@ -55,7 +55,9 @@ impl Clock for ManualClock {
 
 /// Whole seconds since the Unix epoch (0 before it).
 pub fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// How long ago `then` was at `now` (zero if `then` is in the future).

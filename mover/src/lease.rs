@@ -152,7 +152,10 @@ impl Inner {
         };
         let plain = serde_json::to_vec(&info).map_err(|e| Error::Format(e.to_string()))?;
         let sealed = pack::encode(self.repo.keys(), Kind::Lease, &plain, false)?;
-        self.repo.backend().put(&self.key, Bytes::from(sealed)).await?;
+        self.repo
+            .backend()
+            .put(&self.key, Bytes::from(sealed))
+            .await?;
         let done = self.repo.clock().now();
         let mut h = self.health.lock().expect("lease health lock");
         h.max_gap = h.max_gap.max(age(done, h.last_ok));
@@ -221,11 +224,7 @@ impl Lease {
         loop {
             let lease = Lease::acquire(repo.clone(), LeaseKind::Maintenance, 0).await?;
             let view = lease.leases().await?;
-            let Some(other) = view
-                .others
-                .iter()
-                .find(|f| !f.stale && f.is_maintenance())
-            else {
+            let Some(other) = view.others.iter().find(|f| !f.stale && f.is_maintenance()) else {
                 return Ok(lease);
             };
             let who = other.describe();
@@ -306,7 +305,9 @@ impl Lease {
                 gap.as_secs(),
                 limit.as_secs()
             ))),
-            Err(e) => Err(Error::LeaseLost(format!("could not renew the repository lease: {e}"))),
+            Err(e) => Err(Error::LeaseLost(format!(
+                "could not renew the repository lease: {e}"
+            ))),
         }
     }
 

@@ -8,6 +8,7 @@
 //!    data from a candidate;
 //! 4. a candidate is deleted (or, partly used, repacked) only when every live backup lease has seen its
 //!    mark, it has been a candidate for the grace period, and no snapshot written meanwhile uses it.
+//!
 //! A candidate a running backup may depend on therefore always waits for that backup to end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,8 +19,7 @@ use serde::Serialize;
 
 use crate::candidates::{self, Mark, PruneState};
 use crate::clock::{age, unix_seconds};
-use crate::error::Result;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::{IndexPack, IndexSegment};
 use crate::lease::{self, Lease};
@@ -144,9 +144,12 @@ impl View {
         Ok(())
     }
 
-    /// Takes in snapshots written since the view was loaded (by backups that ended meanwhile), and the
-    /// index segments they wrote first. Returns how many were new.
+    /// Takes in what was written since the view was loaded: index segments (a backup that ended
+    /// meanwhile, even one whose snapshot is already forgotten, named its packs there; they are merged into
+    /// the new index, so no surviving segment names a pack this prune deletes) and snapshots (whose blobs
+    /// are then kept). Returns how many snapshots were new.
     async fn catch_up(&mut self, repo: &Repository, progress: &Progress) -> Result<usize> {
+        self.add_segments(repo).await?;
         let new: Vec<_> = repo
             .snapshots()
             .await?
@@ -163,9 +166,12 @@ impl View {
     }
 
     fn used_blobs(&self, p: &PackId) -> usize {
-        self.packs
-            .get(p)
-            .map_or(0, |ip| ip.blobs.iter().filter(|b| self.used.contains(&b.id)).count())
+        self.packs.get(p).map_or(0, |ip| {
+            ip.blobs
+                .iter()
+                .filter(|b| self.used.contains(&b.id))
+                .count()
+        })
     }
 
     /// Packs holding unreferenced data: fully unused, partly used, or named by no index.
@@ -253,7 +259,10 @@ async fn run(
         .iter()
         .filter(|(_, m)| {
             m.generation <= seen_by_all
-                && age(leases.now, std::time::UNIX_EPOCH + Duration::from_secs(m.since)) >= opts.grace
+                && age(
+                    leases.now,
+                    std::time::UNIX_EPOCH + Duration::from_secs(m.since),
+                ) >= opts.grace
         })
         .map(|(p, _)| *p)
         .collect();
@@ -303,7 +312,9 @@ async fn delete_due(
         for b in header.blobs.iter().filter(|b| view.used.contains(&b.id)) {
             let stored = bytes
                 .get(b.offset as usize..(b.offset + b.length) as usize)
-                .ok_or_else(|| Error::Integrity(format!("pack {}: blob out of range", p.short())))?;
+                .ok_or_else(|| {
+                    Error::Integrity(format!("pack {}: blob out of range", p.short()))
+                })?;
             pack::decode_blob(repo.keys(), header.kind, &b.id, stored)?;
             let w = writers
                 .entry(header.kind)

@@ -357,26 +357,15 @@ impl Repository {
     /// Reads every index segment into a fresh [`Index`], leaving out the packs in `skip` (a backup leaves
     /// out prune's candidates, so it never reuses their data).
     pub async fn load_index_without(&self, skip: &HashSet<PackId>) -> Result<Index> {
-        let listed = self.backend.list("index/").await?;
-        let ids: Vec<String> = listed
-            .iter()
-            .map(|o| o.key.trim_start_matches("index/").to_string())
-            .collect();
+        let segments = self.index_segments().await?;
         if let Some(c) = &self.cache {
-            c.retain("index", &ids.iter().cloned().collect::<HashSet<_>>());
+            c.retain(
+                "index",
+                &segments.iter().map(|(id, _)| id.clone()).collect(),
+            );
         }
-        let segments: Vec<IndexSegment> = stream::iter(ids)
-            .map(|id| async move {
-                let plain = self
-                    .read_named(Kind::Index, "index", &format!("index/{id}"), &id)
-                    .await?;
-                IndexSegment::from_bytes(&plain)
-            })
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
         let mut index = Index::default();
-        for p in segments.iter().flat_map(|s| &s.packs) {
+        for p in segments.iter().flat_map(|(_, s)| &s.packs) {
             if !skip.contains(&p.id) {
                 index.add_pack(p);
             }
@@ -384,8 +373,20 @@ impl Repository {
         Ok(index)
     }
 
-    /// Every index segment with its id (the name under `index/`).
+    /// Every index segment with its id (the name under `index/`). A segment that vanishes between the
+    /// listing and its read was replaced by a prune (which writes the replacement first): the listing is
+    /// read again.
     pub async fn index_segments(&self) -> Result<Vec<(String, IndexSegment)>> {
+        let mut tries = 0;
+        loop {
+            match self.read_listed_segments().await {
+                Err(Error::NotFound(_)) if tries < MAX_RELOCATIONS => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    async fn read_listed_segments(&self) -> Result<Vec<(String, IndexSegment)>> {
         let listed = self.backend.list("index/").await?;
         stream::iter(
             listed
@@ -435,16 +436,23 @@ impl Repository {
             .iter()
             .map(|o| o.key.trim_start_matches("snapshots/").to_string())
             .collect();
-        let mut out: Vec<(SnapshotId, Snapshot)> = stream::iter(ids)
+        // A snapshot forgotten between the listing and its read is gone, not an error.
+        let found: Vec<Option<(SnapshotId, Snapshot)>> = stream::iter(ids)
             .map(|id| async move {
-                let plain = self
-                    .read_named(Kind::Snapshot, "snapshot", &format!("snapshots/{id}"), &id)
-                    .await?;
-                Ok::<_, Error>((SnapshotId::from_hex(&id)?, Snapshot::from_bytes(&plain)?))
+                let key = format!("snapshots/{id}");
+                match self.read_named(Kind::Snapshot, "snapshot", &key, &id).await {
+                    Ok(plain) => Ok(Some((
+                        SnapshotId::from_hex(&id)?,
+                        Snapshot::from_bytes(&plain)?,
+                    ))),
+                    Err(Error::NotFound(_)) => Ok(None),
+                    Err(e) => Err(e),
+                }
             })
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
+        let mut out: Vec<(SnapshotId, Snapshot)> = found.into_iter().flatten().collect();
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
     }
@@ -521,12 +529,15 @@ impl Repository {
         Ok(plain)
     }
 
-    /// Where the index says a blob of `kind` is.
+    /// Where the index says a blob of `kind` is. A blob the loaded index does not know may have been
+    /// written since it was loaded (a snapshot that appeared meanwhile): the index is read again once.
     async fn locate(&self, kind: BlobKind, id: &BlobId) -> Result<BlobLocation> {
-        let loc = self
-            .index()
-            .await?
-            .get(id)
+        let mut found = self.index().await?.get(id);
+        if found.is_none() {
+            self.invalidate_index().await;
+            found = self.index().await?.get(id);
+        }
+        let loc = found
             .ok_or_else(|| Error::Integrity(format!("blob {} is not in the index", id.short())))?;
         if loc.kind != kind {
             return Err(Error::Integrity(format!(

@@ -305,7 +305,11 @@ async fn fetch(repo: &Repository, r: Range) -> Result<Vec<(Range, Bytes)>> {
     for moves in 0..=crate::repo::MAX_RELOCATIONS {
         let mut gone = Vec::new();
         for r in todo {
-            match repo.backend().get_range(&r.pack.key(), r.start, r.len).await {
+            match repo
+                .backend()
+                .get_range(&r.pack.key(), r.start, r.len)
+                .await
+            {
                 Ok(b) => out.push((r, b)),
                 Err(Error::NotFound(_)) => gone.push(r),
                 Err(e) => return Err(e),
@@ -320,7 +324,10 @@ async fn fetch(repo: &Repository, r: Range) -> Result<Vec<(Range, Bytes)>> {
         }
         tracing::info!(pack = %first.pack.short(), "a pack was pruned meanwhile; reading the index again");
         let index = repo.load_index().await?;
-        todo = plan_ranges(&index, gone.iter().flat_map(|r| r.blobs.iter().map(|b| b.0)))?;
+        todo = plan_ranges(
+            &index,
+            gone.iter().flat_map(|r| r.blobs.iter().map(|b| b.0)),
+        )?;
         if todo.iter().any(|t| gone.iter().any(|g| g.pack == t.pack)) {
             break; // the index still names the missing pack: it is lost, not moved
         }

@@ -42,7 +42,10 @@ async fn prune_now(repo: &Arc<Repository>) -> ferry_mover::prune::PruneReport {
 }
 
 /// The committed snapshot (if the backup succeeded) must check clean and restore exactly.
-async fn assert_restorable(backend: &Arc<dyn ferry_mover::backend::Backend>, src: &std::path::Path) {
+async fn assert_restorable(
+    backend: &Arc<dyn ferry_mover::backend::Backend>,
+    src: &std::path::Path,
+) {
     let repo = reopen(backend).await;
     let report = ferry_mover::check::check(repo.clone(), true, Default::default())
         .await

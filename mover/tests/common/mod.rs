@@ -382,10 +382,18 @@ impl Backend for Gate {
     async fn get(&self, key: &str) -> ferry_mover::Result<bytes::Bytes> {
         self.inner.get(key).await
     }
-    async fn get_range(&self, key: &str, offset: u64, len: u64) -> ferry_mover::Result<bytes::Bytes> {
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> ferry_mover::Result<bytes::Bytes> {
         self.inner.get_range(key, offset, len).await
     }
-    async fn list(&self, prefix: &str) -> ferry_mover::Result<Vec<ferry_mover::backend::ObjectInfo>> {
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> ferry_mover::Result<Vec<ferry_mover::backend::ObjectInfo>> {
         self.inner.list(prefix).await
     }
     async fn delete(&self, key: &str) -> ferry_mover::Result<()> {
