@@ -7,9 +7,9 @@ use ferry_proto::pod as contract;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume, VolumeDevice,
-    VolumeMount,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SeccompProfile,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
+    VolumeDevice, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -17,6 +17,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use crate::config::{Config, Mover};
 use crate::cr::Direction;
 
+/// The capabilities of a mover container, after dropping ALL; each is allowed by the Pod Security
+/// "baseline" level:
+/// * `DAC_OVERRIDE`: read every file and search every directory of a volume whatever its modes (backup),
+///   write into directories restored read-only (restore);
+/// * `CHOWN`, `FOWNER`, `FSETID`: restore owners, modes, times and set-id bits as recorded;
+/// * `MKNOD`: restore device nodes and FIFOs;
+/// * `SETFCAP`: restore file capabilities (`security.capability` xattrs).
+pub const MOVER_CAPABILITIES: [&str; 6] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "MKNOD",
+    "SETFCAP",
+];
 /// Where the repository is and how to reach it, from a BackupStorageLocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoTarget {
@@ -298,9 +313,13 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
             }]),
             security_context: Some(PodSecurityContext {
                 // Root without privilege: reading every file of a volume (backup) and restoring owners,
-                // modes and device nodes (restore) need these capabilities and nothing more.
+                // modes and device nodes (restore) need the capabilities below and nothing more.
                 run_as_user: Some(0),
                 run_as_group: Some(0),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
                 ..Default::default()
             }),
             containers: vec![Container {
@@ -320,17 +339,8 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
                     capabilities: Some(Capabilities {
                         drop: Some(vec!["ALL".into()]),
                         add: Some(
-                            [
-                                "CHOWN",
-                                "DAC_OVERRIDE",
-                                "DAC_READ_SEARCH",
-                                "FOWNER",
-                                "FSETID",
-                                "MKNOD",
-                                "SETFCAP",
-                            ]
-                            .map(String::from)
-                            .to_vec(),
+                            // All within Pod Security "baseline" (design 0002, "Least privilege").
+                            MOVER_CAPABILITIES.map(String::from).to_vec(),
                         ),
                     }),
                     ..Default::default()
@@ -635,5 +645,61 @@ mod tests {
         assert!(
             matches!(unsched, PodState::Pending { waiting: Some(ref w), fatal: None } if w.contains("0/1 nodes"))
         );
+    }
+
+    /// Pod Security "baseline" admits the mover pod: only capabilities it allows, nothing privileged,
+    /// the runtime's seccomp profile (also checked for real by the e2e tests, whose Velero namespace enforces
+    /// baseline).
+    #[test]
+    fn mover_pods_fit_pod_security_baseline() {
+        const BASELINE: [&str; 13] = [
+            "AUDIT_WRITE",
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "FOWNER",
+            "FSETID",
+            "KILL",
+            "MKNOD",
+            "NET_BIND_SERVICE",
+            "SETFCAP",
+            "SETGID",
+            "SETPCAP",
+            "SETUID",
+            "SYS_CHROOT",
+        ];
+        let repo = RepoTarget {
+            url: "s3://b/p".into(),
+            endpoint: None,
+            region: None,
+            path_style: false,
+            profile: None,
+            credentials: None,
+            ca: None,
+            insecure_skip_tls_verify: false,
+        };
+        let spec = build(&plan(repo), &Config::default()).spec.expect("spec");
+        let psc = spec.security_context.expect("pod security context");
+        assert_eq!(
+            psc.seccomp_profile.map(|p| p.type_),
+            Some("RuntimeDefault".to_string())
+        );
+        assert!(spec.host_network != Some(true) && spec.host_pid != Some(true));
+        for v in spec.volumes.unwrap_or_default() {
+            assert!(v.host_path.is_none(), "hostPath volume {}", v.name);
+        }
+        for c in spec.containers {
+            let sc = c.security_context.expect("container security context");
+            assert_eq!(sc.privileged, Some(false));
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            let caps = sc.capabilities.expect("capabilities");
+            assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+            for cap in caps.add.unwrap_or_default() {
+                assert!(
+                    BASELINE.contains(&cap.as_str()),
+                    "{cap} is not allowed by baseline"
+                );
+            }
+        }
     }
 }

@@ -54,8 +54,12 @@ pub fn deploy(c: &Cluster) -> Result<()> {
             "[default]\naws_access_key_id={}\naws_secret_access_key={}\n",
             s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"]
         );
+        // Velero's namespace at Pod Security "baseline", enforced: mover and maintenance pods must be admitted.
         let yaml = format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ferry-e2e-s3\n  namespace: {VELERO_NS}\n\
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {VELERO_NS}\n  labels:\n    \
+             pod-security.kubernetes.io/enforce: baseline\n    \
+             pod-security.kubernetes.io/enforce-version: latest\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata:\n  name: ferry-e2e-s3\n  namespace: {VELERO_NS}\n\
              stringData:\n  cloud: {creds:?}\n---\n\
              apiVersion: velero.io/v1\nkind: BackupStorageLocation\nmetadata:\n  name: {BSL}\n  namespace: {VELERO_NS}\n\
              spec:\n  provider: aws\n  objectStorage:\n    bucket: {}\n    prefix: e2e\n  \
