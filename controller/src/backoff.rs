@@ -1,9 +1,10 @@
 //! Exponential backoff per object for failed reconciles: 1 s, 2 s, 4 s, ... capped at 5 minutes, reset by
 //! the next successful reconcile of that object. Keeps a failing object from hammering the API server.
+//! An object not seen failing for twice the cap is forgotten (it was deleted, or has recovered unseen).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// First delay after a failure.
 pub const BASE: Duration = Duration::from_secs(1);
@@ -13,7 +14,7 @@ pub const CAP: Duration = Duration::from_secs(300);
 /// Consecutive failures per object key.
 #[derive(Debug, Default)]
 pub struct Backoff {
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
 }
 
 /// The key of an object: kind, namespace and name.
@@ -30,8 +31,9 @@ impl Backoff {
     /// Records one more failure of `key`; returns how long to wait before trying again.
     pub fn failed(&self, key: &str) -> Duration {
         let mut f = self.failures.lock().expect("backoff lock");
-        let n = f.entry(key.to_string()).or_default();
-        *n = n.saturating_add(1);
+        f.retain(|_, (_, at)| at.elapsed() < CAP * 2);
+        let (n, at) = f.entry(key.to_string()).or_insert((0, Instant::now()));
+        (*n, *at) = (n.saturating_add(1), Instant::now());
         delay(*n)
     }
 
@@ -60,5 +62,19 @@ mod tests {
         b.succeeded("k");
         assert_eq!(b.failed("k"), BASE);
         assert_eq!(delay(u32::MAX), CAP);
+    }
+
+    #[test]
+    fn objects_not_failing_for_long_are_forgotten() {
+        let b = Backoff::default();
+        b.failed("gone");
+        b.failures
+            .lock()
+            .expect("lock")
+            .get_mut("gone")
+            .expect("entry")
+            .1 = Instant::now() - CAP * 3;
+        b.failed("other");
+        assert!(!b.failures.lock().expect("lock").contains_key("gone"));
     }
 }

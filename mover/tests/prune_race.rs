@@ -41,6 +41,25 @@ async fn prune_now(repo: &Arc<Repository>) -> ferry_mover::prune::PruneReport {
         .unwrap()
 }
 
+type Running = tokio::task::JoinHandle<ferry_mover::Result<ferry_mover::backup::BackupOutcome>>;
+
+/// Starts a backup of `src` and returns once it is about to write its snapshot; `Gate::release` lets it on.
+async fn backup_until_commit(
+    plain: &Arc<dyn ferry_mover::backend::Backend>,
+    src: &std::path::Path,
+) -> (Arc<Gate>, Running) {
+    let gate = Gate::new(plain.clone(), "snapshots/");
+    let gated: Arc<dyn ferry_mover::backend::Backend> = gate.clone();
+    let repo = reopen(&gated).await;
+    let running = tokio::spawn(ferry_mover::backup::backup(
+        repo,
+        BackupOptions::new(src),
+        Arc::new(Progress::default()),
+    ));
+    gate.entered().await;
+    (gate, running)
+}
+
 /// The committed snapshot (if the backup succeeded) must check clean and restore exactly.
 async fn assert_restorable(
     backend: &Arc<dyn ferry_mover::backend::Backend>,
@@ -70,15 +89,7 @@ async fn a_backup_started_after_candidates_were_marked_commits_a_restorable_snap
     assert!(r.packs_pending > 0, "{r:?}");
     after_grace().await;
 
-    let gate = Gate::new(plain.clone(), "snapshots/");
-    let gated: Arc<dyn ferry_mover::backend::Backend> = gate.clone();
-    let brepo = reopen(&gated).await;
-    let running = tokio::spawn(ferry_mover::backup::backup(
-        brepo,
-        BackupOptions::new(&b),
-        Arc::new(Progress::default()),
-    ));
-    gate.entered().await;
+    let (gate, running) = backup_until_commit(&plain, &b).await;
     prune_now(&reopen(&plain).await).await;
     gate.release();
     running.await.unwrap().expect("the backup commits");
@@ -95,15 +106,7 @@ async fn prune_never_deletes_what_a_running_backup_reuses() {
     let repo = new_repo(plain.clone()).await;
     let first = backup(&repo, &a).await;
 
-    let gate = Gate::new(plain.clone(), "snapshots/");
-    let gated: Arc<dyn ferry_mover::backend::Backend> = gate.clone();
-    let brepo = reopen(&gated).await;
-    let running = tokio::spawn(ferry_mover::backup::backup(
-        brepo,
-        BackupOptions::new(&b),
-        Arc::new(Progress::default()),
-    ));
-    gate.entered().await;
+    let (gate, running) = backup_until_commit(&plain, &b).await;
     let repo = reopen(&plain).await;
     forget(&repo, |id, _| *id == first.id).await.unwrap();
     prune_now(&repo).await;
