@@ -249,11 +249,6 @@ impl Lease {
         }
     }
 
-    /// The key of this lease.
-    pub fn key(&self) -> &str {
-        &self.inner.key
-    }
-
     /// Rewrites the lease, then lists every other lease; the storage time of this lease's write is `now`.
     pub async fn leases(&self) -> Result<Leases> {
         self.inner.write().await?;

@@ -147,8 +147,8 @@ impl View {
     /// Takes in what was written since the view was loaded: index segments (a backup that ended
     /// meanwhile, even one whose snapshot is already forgotten, named its packs there; they are merged into
     /// the new index, so no surviving segment names a pack this prune deletes) and snapshots (whose blobs
-    /// are then kept). Returns how many snapshots were new.
-    async fn catch_up(&mut self, repo: &Repository, progress: &Progress) -> Result<usize> {
+    /// are then kept).
+    async fn catch_up(&mut self, repo: &Repository, progress: &Progress) -> Result<()> {
         self.add_segments(repo).await?;
         let new: Vec<_> = repo
             .snapshots()
@@ -157,12 +157,12 @@ impl View {
             .filter(|(id, _)| !self.snapshots.contains(id))
             .collect();
         if new.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         self.add_segments(repo).await?;
         self.used.extend(referenced(repo, &new, progress).await?);
         self.snapshots.extend(new.iter().map(|(id, _)| *id));
-        Ok(new.len())
+        Ok(())
     }
 
     fn used_blobs(&self, p: &PackId) -> usize {
