@@ -44,6 +44,30 @@ fn velero(c: &Cluster, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
+/// Where a backup deletion stands: the Backup, Velero's DeleteBackupRequests, Ferry's maintenance pod and its
+/// log, and what Velero and Ferry logged about the backup.
+fn deletion_state(c: &Cluster, backup: &str) -> String {
+    let k = |args: &[&str]| c.kubectl_output(args).unwrap_or_else(|e| format!("{e:#}"));
+    let maintenance = format!("ferry-prune-{backup}");
+    let ferry_log = k(&["-n", "ferry-system", "logs", "-l", "app.kubernetes.io/name=ferry-controller", "--tail=-1", "--prefix"]);
+    let mentions = |log: &str| -> String {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(backup)).collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    format!(
+        "state of the deletion of {backup}:\n==== backup\n{}\n==== deletebackuprequests\n{}\n==== pods in {VELERO_NS}\n{}\n\
+         ==== maintenance pod\n{}\n==== its log\n{}\n==== ferry-controller lines naming {backup}\n{}\n\
+         ==== velero.log lines naming {backup}\n{}",
+        k(&["-n", VELERO_NS, "get", "backup", backup, "-o", "yaml"]),
+        k(&["-n", VELERO_NS, "get", "deletebackuprequests", "-o", "yaml"]),
+        k(&["-n", VELERO_NS, "get", "pods", "-o", "wide", "--show-labels"]),
+        k(&["-n", VELERO_NS, "describe", "pod", &maintenance]),
+        k(&["-n", VELERO_NS, "logs", &maintenance]),
+        mentions(&ferry_log),
+        mentions(&std::fs::read_to_string(c.home.join("logs/velero.log")).unwrap_or_default()),
+    )
+}
+
 /// Two pods, three PVCs (p1 mounts a and b, p2 mounts c), known data in each.
 fn app(image: &str) -> String {
     let mut y = String::new();
@@ -246,7 +270,8 @@ fn velero_backup_restore_incremental() {
         velero(&c, &["backup", "delete", &b1, "--confirm"])?;
         t.wait("backup b1 deleted and released by Ferry", Duration::from_secs(240), || {
             Ok(c.kubectl_output(&["-n", VELERO_NS, "get", "backup", &b1]).is_err())
-        })?;
+        })
+        .map_err(|e| e.context(deletion_state(&c, &b1)))?;
         let (snaps_after, bytes_after) = (count("snapshots"), data_bytes());
         eprintln!(
             "scenario 4: snapshots {snaps_before} -> {snaps_after}, pack bytes {bytes_before} -> {bytes_after}"
