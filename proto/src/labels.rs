@@ -1,5 +1,7 @@
 //! Label and annotation keys shared by the controller, the mover pods and the objects they create.
 
+use sha2::{Digest, Sha256};
+
 /// Kind of the CR that owns an object (`DataUpload` or `DataDownload`).
 pub const OWNER_KIND: &str = "ferry.dev/owner-kind";
 /// Name of the owning CR (label-safe form, see [`label_value`]).
@@ -37,97 +39,27 @@ pub fn label_value(s: &str) -> String {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x100000001b3);
     }
-    let mut cut = 57;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}{:06x}", &s[..cut], h & 0xff_ffff)
+    format!("{}{:06x}", &s[..char_floor(s, 57)], h & 0xff_ffff)
 }
 
-/// `s` as Velero makes label values (`pkg/label/label.go` `GetValidName`): at most 63 characters; a longer
-/// value is cut to 57 and suffixed with the first 6 hex characters of its SHA-256.
+/// `s` as Velero makes label values (`pkg/label/label.go` `GetValidName`): at most 63 bytes; a longer
+/// value is cut to 57 bytes and suffixed with the first 6 hex characters of its SHA-256. Velero cuts bytes;
+/// names Velero labels are ASCII (Kubernetes names), where this is the same, and other text is cut at the
+/// character boundary before byte 57 instead of in the middle of a character.
 pub fn velero_label_value(s: &str) -> String {
     if s.len() <= 63 {
         return s.to_string();
     }
-    let digest = sha256(s.as_bytes());
-    format!("{}{}", &s[..57], &hex6(&digest))
+    let digest = Sha256::digest(s.as_bytes());
+    format!("{}{}", &s[..char_floor(s, 57)], &hex::encode(&digest[..3]))
 }
 
-fn hex6(d: &[u8; 32]) -> String {
-    d[..3].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SHA-256 (FIPS 180-4), small and dependency-free; only used for label values.
-fn sha256(data: &[u8]) -> [u8; 32] {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    let mut msg = data.to_vec();
-    let bits = (data.len() as u64).wrapping_mul(8);
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&bits.to_be_bytes());
-    for block in msg.chunks(64) {
-        let mut w = [0u32; 64];
-        for (i, c) in block.chunks(4).enumerate() {
-            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let mut v = h;
-        for i in 0..64 {
-            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
-            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
-            let t1 = v[7]
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
-            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
-            let t2 = s0.wrapping_add(maj);
-            v = [
-                t1.wrapping_add(t2),
-                v[0],
-                v[1],
-                v[2],
-                v[3].wrapping_add(t1),
-                v[4],
-                v[5],
-                v[6],
-            ];
-        }
-        for (a, b) in h.iter_mut().zip(v) {
-            *a = a.wrapping_add(b);
-        }
-    }
-    let mut out = [0u8; 32];
-    for (i, x) in h.iter().enumerate() {
-        out[i * 4..i * 4 + 4].copy_from_slice(&x.to_be_bytes());
-    }
-    out
+/// The largest character boundary of `s` at or below byte `at`.
+fn char_floor(s: &str, at: usize) -> usize {
+    (0..=at.min(s.len()))
+        .rev()
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -145,16 +77,23 @@ mod tests {
 
     #[test]
     fn velero_label_values_match_velero() {
-        assert_eq!(hex6(&sha256(b"abc")), "ba7816");
-        assert_eq!(
-            sha256(b"")[..4],
-            [0xe3, 0xb0, 0xc4, 0x42],
-            "SHA-256 of the empty string"
-        );
         assert_eq!(velero_label_value("b1"), "b1");
         let long = "a".repeat(70);
         let v = velero_label_value(&long);
         assert_eq!(v.len(), 63);
-        assert!(v.starts_with(&"a".repeat(57)));
+        // Go: label.GetValidName(strings.Repeat("a", 70)).
+        assert_eq!(v, format!("{}{}", "a".repeat(57), "6bd5e5"));
+    }
+
+    #[test]
+    fn velero_label_values_never_cut_a_character() {
+        // 56 ASCII bytes, then a 2-byte character across the 57-byte cut.
+        let s = format!("{}é{}", "a".repeat(56), "b".repeat(20));
+        let v = velero_label_value(&s);
+        assert_eq!(
+            v,
+            format!("{}{}", "a".repeat(56), &velero_label_value(&s)[56..])
+        );
+        assert!(v.len() <= 63);
     }
 }
