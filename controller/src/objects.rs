@@ -170,6 +170,60 @@ pub async fn release_source_protection(api: &Api<DynamicObject>, selector: &str)
     Ok(())
 }
 
+/// The snapshot-controller's annotation on a VolumeSnapshotContent whose VolumeSnapshot is being deleted;
+/// the CSI snapshotter deletes the storage snapshot (policy `Delete`) and the content only once it is set.
+pub const SNAPSHOT_BEING_DELETED: &str =
+    "snapshot.storage.kubernetes.io/volumesnapshot-being-deleted";
+
+/// Sets [`SNAPSHOT_BEING_DELETED`] on the terminating contents matching `selector` whose VolumeSnapshot is
+/// gone. The snapshot-controller sets it only while the snapshot still exists: a snapshot deleted while it
+/// was binding to its content (a DU canceled right after the handover) leaves the content terminating for
+/// ever and its storage snapshot leaked (external-snapshotter v8.6 logs "deletion of snapshot … was
+/// already processed"). With the snapshot gone, deleting the content is what would have happened anyway.
+pub async fn release_orphaned_contents(client: &Client, selector: &str) -> Result<()> {
+    let vscs = vsc_api(client);
+    for c in vscs
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+    {
+        if c.metadata.deletion_timestamp.is_none()
+            || c.annotations().contains_key(SNAPSHOT_BEING_DELETED)
+        {
+            continue;
+        }
+        let r = &c.data["spec"]["volumeSnapshotRef"];
+        let (Some(ns), Some(name), Some(uid)) = (
+            r["namespace"].as_str(),
+            r["name"].as_str(),
+            r["uid"].as_str().filter(|u| !u.is_empty()),
+        ) else {
+            // Never bound: the snapshotter deletes unbound pre-provisioned contents by itself.
+            continue;
+        };
+        let bound = get_opt(&vs_api(client, ns), name).await?;
+        if bound.is_some_and(|vs| vs.uid().as_deref() == Some(uid)) {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {
+            "annotations": {SNAPSHOT_BEING_DELETED: "yes"},
+            "resourceVersion": c.metadata.resource_version,
+        }});
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match vscs.patch(&c.name_any(), &pp, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                tracing::info!(content = %c.name_any(), "marked an orphaned snapshot content for deletion")
+            }
+            Err(e) if is_conflict(&e) || is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Why a CR cannot run, for `status.message`.
 pub type Refusal = String;
 
@@ -499,5 +553,76 @@ mod tests {
             .await
             .expect("release");
         server.await.expect("server");
+    }
+
+    fn vsc(name: &str, deleting: bool, annotated: bool, snapshot_uid: &str) -> serde_json::Value {
+        let mut m = json!({"name": name, "resourceVersion": "7",
+            "finalizers": ["snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection"]});
+        if deleting {
+            m["deletionTimestamp"] = json!("2026-11-25T20:00:19Z");
+        }
+        if annotated {
+            m["annotations"] = json!({SNAPSHOT_BEING_DELETED: "yes"});
+        }
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent", "metadata": m,
+            "spec": {"deletionPolicy": "Delete", "driver": "d", "source": {"snapshotHandle": "h"},
+                "volumeSnapshotRef": {"namespace": "velero", "name": format!("vs-{name}"), "uid": snapshot_uid}}})
+    }
+
+    /// The content a canceled DU left in the e2e kill test: terminating, its snapshot gone, never marked.
+    #[tokio::test]
+    async fn marks_only_terminating_contents_whose_snapshot_is_gone() {
+        use crate::testing::{failure, ok, serve};
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "velero");
+        let server = serve(handle, |r| {
+            if r.method == http::Method::GET && r.path.ends_with("/volumesnapshotcontents") {
+                return ok(json!({"apiVersion": "snapshot.storage.k8s.io/v1",
+                    "kind": "VolumeSnapshotContentList", "metadata": {}, "items": [
+                        vsc("orphan", true, false, "u1"),
+                        vsc("replaced", true, false, "u2"),
+                        vsc("bound", true, false, "u3"),
+                        vsc("live", false, false, "u4"),
+                        vsc("marked", true, true, "u5"),
+                        vsc("unbound", true, false, ""),
+                ]}));
+            }
+            if r.method == http::Method::GET && r.path.ends_with("/volumesnapshots/vs-orphan") {
+                return failure(404, "NotFound");
+            }
+            if r.method == http::Method::GET && r.path.contains("/volumesnapshots/vs-") {
+                // vs-replaced exists under another uid; vs-bound is the snapshot the content is bound to.
+                let uid = if r.path.ends_with("vs-bound") {
+                    "u3"
+                } else {
+                    "other"
+                };
+                return ok(
+                    json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                    "metadata": {"name": "x", "namespace": "velero", "uid": uid}}),
+                );
+            }
+            ok(vsc("patched", true, true, "u1"))
+        });
+        release_orphaned_contents(&client, "x=y")
+            .await
+            .expect("release");
+        drop(client);
+        let seen = server.await.expect("server");
+        let patched: Vec<&str> = seen
+            .iter()
+            .filter(|r| r.method == http::Method::PATCH)
+            .map(|r| r.path.rsplit('/').next().unwrap_or_default())
+            .collect();
+        assert_eq!(patched, ["orphan", "replaced"]);
+        let p = seen
+            .iter()
+            .find(|r| r.method == http::Method::PATCH)
+            .expect("patch");
+        assert_eq!(
+            p.body["metadata"]["annotations"][SNAPSHOT_BEING_DELETED],
+            "yes"
+        );
+        assert_eq!(p.body["metadata"]["resourceVersion"], "7");
     }
 }

@@ -326,6 +326,7 @@ impl Flow for DataUpload {
             objects::release_source_protection(&vss, &sel).await?;
         }
         left += objects::delete_selected(&vsc_api(&ctx.client), &sel).await?;
+        objects::release_orphaned_contents(&ctx.client, &sel).await?;
         // A source snapshot never taken over (failure before the clone) is ours to release too.
         if let Some(csi) = &self.spec.csi_snapshot
             && !csi.volume_snapshot.is_empty()

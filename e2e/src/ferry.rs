@@ -25,7 +25,7 @@ pub fn deploy(c: &Cluster) -> Result<()> {
         // change build-script fingerprints and make the release build in scripts/deploy start over.
         let keep = [
             "PATH", "HOME", "USER", "TMPDIR", "CARGO_HOME", "RUSTUP_HOME", "CARGO_TARGET_DIR",
-            "CARGO_BUILD_JOBS", "FERRY_CACHE", "FERRY_E2E_HOME",
+            "CARGO_BUILD_JOBS", "FERRY_CACHE", "FERRY_E2E_HOME", "FERRY_PROFILE",
         ];
         let mut cmd = Command::new(root.join("scripts/deploy"));
         cmd.env_clear();
