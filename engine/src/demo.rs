@@ -1,23 +1,22 @@
-//! `ferry demo`: back up a generated tree, change it, back up again, restore, and compare, in a
-//! temporary local repository. The README's first command.
+//! The round trip `ferry demo` shows: back up a generated tree, change it, back up again, restore, compare
+//! and check, in a local repository in a work directory. The README's first command. Each step is handed to
+//! the caller as a [`Step`] to print.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use ferry_mover::backend::local::LocalBackend;
-use ferry_mover::backup::BackupOptions;
-use ferry_mover::crypto::KdfParams;
-use ferry_mover::progress::Progress;
-use ferry_mover::repo::{OpenOptions, Repository};
-use ferry_mover::restore::RestoreOptions;
+use crate::backend::{Backend, local::LocalBackend};
+use crate::backup::{BackupOptions, BackupOutcome};
+use crate::check::CheckReport;
+use crate::crypto::KdfParams;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::{OpenOptions, Repository};
+use crate::restore::{RestoreOptions, RestoreSummary};
+use crate::testdata::pseudo_random;
 
-use ferry_mover::testdata::pseudo_random;
-
-use crate::cli::human;
-
-fn write_tree(root: &Path) -> Result<()> {
+fn write_tree(root: &Path) -> std::io::Result<()> {
     let mut seed = 0;
     let mut rnd = |n: usize| {
         seed += 1;
@@ -58,7 +57,7 @@ fn write_tree(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn change_tree(root: &Path) -> Result<()> {
+fn change_tree(root: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -72,20 +71,57 @@ fn change_tree(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the demo.
-pub async fn run(dir: Option<PathBuf>) -> Result<()> {
-    let tmp;
-    let work = match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d)?;
-            d
-        }
-        None => {
-            tmp = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)?;
-            tmp.clone()
-        }
-    };
+/// A step of the demo, done.
+#[derive(Debug)]
+pub enum Step<'a> {
+    /// The demo runs in `work`.
+    Started {
+        /// The work directory.
+        work: &'a Path,
+    },
+    /// 1: an encrypted repository was created.
+    Created {
+        /// Its id.
+        id: &'a str,
+        /// Its directory.
+        repo: &'a Path,
+    },
+    /// 2: the first backup.
+    FirstBackup(&'a BackupOutcome),
+    /// 3: 64 KiB changed inside a 24 MiB file, one file added, one removed.
+    Changed,
+    /// 4: the second backup, on the first as its parent.
+    SecondBackup(&'a BackupOutcome),
+    /// 5: the latest snapshot restored sparse and verified.
+    Restored {
+        /// Where.
+        target: &'a Path,
+        /// What.
+        summary: &'a RestoreSummary,
+    },
+    /// 6: source and restore compared equal.
+    Compared {
+        /// Entries compared.
+        entries: u64,
+    },
+    /// 7: `check --read-data` found no errors.
+    Checked(&'a CheckReport),
+}
+
+/// The work directory used when none is given: a new one under the system's temporary directory, removed
+/// when the demo passes.
+pub fn default_work_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+/// Runs the demo in `dir` (default: [`default_work_dir`]), handing each finished step to `step`.
+pub async fn run(dir: Option<PathBuf>, mut step: impl FnMut(Step<'_>)) -> Result<()> {
+    let work = dir.unwrap_or_else(default_work_dir);
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
     let (src, repo_dir, out) = (
         work.join("source"),
         work.join("repo"),
@@ -94,87 +130,53 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     for d in [&src, &repo_dir, &out] {
         let _ = std::fs::remove_dir_all(d);
     }
-    std::fs::create_dir_all(&src)?;
-    println!("== Ferry demo in {}", work.display());
-    write_tree(&src).context("writing the demo tree")?;
+    std::fs::create_dir_all(&src).map_err(io(&src))?;
+    step(Step::Started { work: &work });
+    write_tree(&src).map_err(|e| Error::io(&src, e).context("writing the demo tree"))?;
     let password = b"demo password";
-    let backend: Arc<dyn ferry_mover::backend::Backend> = Arc::new(LocalBackend::new(&repo_dir));
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&repo_dir));
     let cfg = Repository::init(backend.clone(), password, KdfParams::default()).await?;
-    println!(
-        "1. created an encrypted repository {} at {}",
-        cfg.id,
-        repo_dir.display()
-    );
+    step(Step::Created {
+        id: &cfg.id,
+        repo: &repo_dir,
+    });
     let opts = OpenOptions {
         cache_dir: Some(work.join("cache")),
         cache_limit: 64 << 20,
         ..Default::default()
     };
-    let repo = Arc::new(Repository::open(backend.clone(), password, &opts).await?);
-
-    let b1 = ferry_mover::backup::backup(
-        repo.clone(),
-        BackupOptions::new(&src),
-        Arc::new(Progress::default()),
-    )
-    .await?;
-    let s = &b1.snapshot.summary;
-    println!(
-        "2. first backup {}: {} files, {} logical, {} new, {} stored (dedup + lz4), {:.2}s",
-        b1.id.short(),
-        s.files,
-        human(s.total_bytes),
-        human(s.new_bytes),
-        human(s.stored_bytes),
-        s.seconds
-    );
-    change_tree(&src)?;
-    println!("3. changed 64 KiB inside a 24 MiB file, added one file, removed one");
-    let repo = Arc::new(Repository::open(backend.clone(), password, &opts).await?);
-    let b2 = ferry_mover::backup::backup(
-        repo.clone(),
-        BackupOptions::new(&src),
-        Arc::new(Progress::default()),
-    )
-    .await?;
-    let s = &b2.snapshot.summary;
-    println!(
-        "4. second backup {} (parent {}): read {} of {}, {} new, {} stored, {:.2}s",
-        b2.id.short(),
-        b2.snapshot.parent.map(|p| p.short()).unwrap_or_default(),
-        human(s.read_bytes),
-        human(s.total_bytes),
-        human(s.new_bytes),
-        human(s.stored_bytes),
-        s.seconds
-    );
+    // Each backup opens the repository anew, as a separate `ferry backup` run would.
+    let backup = async || -> Result<(Arc<Repository>, BackupOutcome)> {
+        let repo = Arc::new(Repository::open(backend.clone(), password, &opts).await?);
+        let opts = BackupOptions::new(&src);
+        let out = crate::backup::backup(repo.clone(), opts, Arc::new(Progress::default())).await?;
+        Ok((repo, out))
+    };
+    let (_, b1) = backup().await?;
+    step(Step::FirstBackup(&b1));
+    change_tree(&src).map_err(io(&src))?;
+    step(Step::Changed);
+    let (repo, b2) = backup().await?;
+    step(Step::SecondBackup(&b2));
     let (_, snap) = repo.find_snapshot("latest").await?;
     let mut ro = RestoreOptions::new(&out);
     ro.sparse = true;
     ro.verify = true;
-    let r = ferry_mover::restore::restore(repo.clone(), &snap, &ro, Arc::new(Progress::default()))
-        .await?;
-    println!(
-        "5. restored latest to {}: {} files, {} (sparse, every chunk verified)",
-        out.display(),
-        r.files,
-        human(r.bytes)
-    );
-    let n = ferry_mover::fsmeta::compare_trees(&src, &out).map_err(anyhow::Error::msg)?;
-    println!(
-        "6. compared source and restore: {n} entries identical (content, type, mode, mtime, links)"
-    );
-    let report = ferry_mover::check::check(repo, true, Arc::new(Progress::default())).await?;
+    let r =
+        crate::restore::restore(repo.clone(), &snap, &ro, Arc::new(Progress::default())).await?;
+    step(Step::Restored {
+        target: &out,
+        summary: &r,
+    });
+    let entries = crate::fsmeta::compare_trees(&src, &out).map_err(Error::Invalid)?;
+    step(Step::Compared { entries });
+    let report = crate::check::check(repo, true, Arc::new(Progress::default())).await?;
     if !report.ok() {
-        bail!("check failed: {:?}", report.errors);
+        return Err(Error::Invalid(format!("check failed: {:?}", report.errors)));
     }
-    println!(
-        "7. check --read-data: {} packs, {} blobs, {} snapshots: no errors",
-        report.packs, report.blobs, report.snapshots
-    );
-    if std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id())) == work {
-        std::fs::remove_dir_all(&work)?;
+    step(Step::Checked(&report));
+    if default_work_dir() == work {
+        std::fs::remove_dir_all(&work).map_err(io(&work))?;
     }
-    println!("demo passed");
     Ok(())
 }

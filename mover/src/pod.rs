@@ -1,6 +1,8 @@
-//! `ferry pod backup|restore`: the mover-pod entrypoint of the contract in [`ferry_proto::pod`]. Runs the
-//! engine on the exposed volume, reports through Events on the CR, writes the result (or the error) to the
-//! termination message and exits 0 / 1 / 2 (done / failed / canceled).
+//! `ferry pod backup|restore|maintain`: the mover-pod run of the contract in [`ferry_proto::pod`]. Runs the
+//! engine on the exposed volume (or, for maintenance, on every namespace repository under the root), reports
+//! through Kubernetes Events on the CR ([`crate::events`]), writes the result document (or the error) to the
+//! termination message and ends with 0 / 1 / 2 (done / failed / canceled). The `ferry` binary only parses
+//! the arguments into a [`Job`] and an [`Operation`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,101 +10,77 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
-use ferry_mover::backup::{BackupOptions, ParentSpec};
-use ferry_mover::crypto::KdfParams;
-use ferry_mover::events::{EventReporter, Target};
-use ferry_mover::progress::Progress;
-use ferry_mover::repo::Repository;
-use ferry_mover::restore::RestoreOptions;
-use ferry_mover::snapshot::SourceKind;
+use ferry_engine::backup::{BackupOptions, ParentSpec};
+use ferry_engine::cancel::CancelOnSignals;
+use ferry_engine::forget::Selection;
+use ferry_engine::open::Target;
+use ferry_engine::progress::Progress;
+use ferry_engine::prune::PruneOptions;
+use ferry_engine::restore::RestoreOptions;
+use ferry_engine::snapshot::SourceKind;
 use ferry_proto::labels;
 use ferry_proto::pod as contract;
 use ferry_proto::report::{REPORT_VERSION, Report, Stage};
-use ferry_proto::result::{RESULT_VERSION, RestoreResult};
 
-use crate::cli::Ctx;
+use crate::events::{EventReporter, Target as EventTarget};
 
 /// Which CR the pod works for, and how it reports.
-#[derive(Debug, clap::Args)]
-pub struct PodArgs {
-    /// `DataUpload` or `DataDownload`.
-    #[arg(long)]
-    pub kind: String,
-    /// CR name.
-    #[arg(long)]
-    pub name: String,
-    /// CR namespace.
-    #[arg(long)]
-    pub namespace: String,
-    /// CR uid.
-    #[arg(long)]
-    pub uid: String,
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The CR the Events go to: kind (`DataUpload` or `DataDownload`), name, namespace, uid.
+    pub cr: EventTarget,
     /// The volume is a raw block device at the contract's device path.
-    #[arg(long)]
     pub block: bool,
-    /// Seconds between progress events.
-    #[arg(long, default_value_t = 5)]
-    pub report_interval: u64,
+    /// Time between progress events (at least a second).
+    pub report_interval: Duration,
     /// Where the result goes.
-    #[arg(long, default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
-    /// Emit no Events (outside a cluster).
-    #[arg(long)]
-    pub no_events: bool,
+    /// Emit Events (off outside a cluster).
+    pub events: bool,
 }
 
-/// The pod operations.
-#[derive(Debug, clap::Subcommand)]
-pub enum PodOp {
+/// What the pod does.
+#[derive(Debug, Clone)]
+pub enum Operation {
     /// Back up the exposed volume.
     Backup {
-        #[command(flatten)]
-        pod: PodArgs,
         /// The source PVC as NAMESPACE/NAME: recorded as a tag, selects the parent snapshot.
-        #[arg(long)]
         source_pvc: String,
-        /// Extra tags, K=V.
-        #[arg(long = "tag", value_parser = crate::cli::parse_tag)]
+        /// Extra tags.
         tags: Vec<(String, String)>,
         /// Volume path (default: the contract's path for the volume mode).
-        #[arg(long)]
         path: Option<PathBuf>,
-    },
-    /// Forget snapshots by tag in every repository under `--repo` (one per source namespace), then prune
-    /// the repositories that lost snapshots.
-    Maintain {
-        #[command(flatten)]
-        pod: PodArgs,
-        #[command(flatten)]
-        args: MaintainArgs,
     },
     /// Restore a snapshot into the exposed volume.
     Restore {
-        #[command(flatten)]
-        pod: PodArgs,
         /// Snapshot id.
-        #[arg(long)]
         snapshot: String,
         /// Write runs of zeros as holes.
-        #[arg(long)]
         sparse: bool,
         /// Volume path (default: the contract's path for the volume mode).
-        #[arg(long)]
         path: Option<PathBuf>,
+    },
+    /// Forget the snapshots carrying all these tags in every repository under the target (one per source
+    /// namespace), then prune the repositories that lost snapshots.
+    Maintain {
+        /// The tags, K=V; at least one.
+        forget_tags: Vec<(String, String)>,
+        /// Prune grace period in seconds.
+        grace_seconds: u64,
     },
 }
 
-/// Tags and grace period of a maintenance run.
-#[derive(Debug, clap::Args)]
-pub struct MaintainArgs {
-    /// Forget snapshots carrying all these tags, K=V (repeatable), in every namespace repository.
-    #[arg(long = "forget-tag", value_parser = crate::cli::parse_tag, required = true)]
-    pub forget_tags: Vec<(String, String)>,
-    /// Prune grace period in seconds.
-    #[arg(long, default_value_t = crate::cli::DEFAULT_GRACE_SECONDS)]
-    pub grace_seconds: u64,
+/// A pod run's failure (it becomes the termination message).
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Engine(#[from] ferry_engine::Error),
+    #[error("encoding the result: {0}")]
+    Json(#[from] serde_json::Error),
 }
+
+/// How long a maintenance pod waits for another maintenance run on the same repository.
+const MAINTENANCE_LOCK_WAIT_SECONDS: u64 = 600;
 
 enum Outcome {
     Done(String, Report),
@@ -110,25 +88,13 @@ enum Outcome {
     Canceled,
 }
 
-/// Runs a pod operation to its exit code. Never returns an error: every failure becomes the termination
-/// message and exit code 1.
-/// How long a maintenance pod waits for another maintenance run on the same repository.
-const MAINTENANCE_LOCK_WAIT_SECONDS: u64 = 600;
-
-pub async fn run(ctx: &Ctx, op: PodOp) -> ExitCode {
-    let pod = match &op {
-        PodOp::Backup { pod, .. } | PodOp::Restore { pod, .. } | PodOp::Maintain { pod, .. } => pod,
-    };
-    let target = Target {
-        kind: pod.kind.clone(),
-        name: pod.name.clone(),
-        namespace: pod.namespace.clone(),
-        uid: pod.uid.clone(),
-    };
-    let mut reporter = if pod.no_events {
+/// Runs a pod operation on the repository `target` to its exit code. Never returns an error: every failure
+/// becomes the termination message and exit code 1.
+pub async fn run(target: &Target, job: &Job, op: &Operation) -> ExitCode {
+    let mut reporter = if !job.events {
         None
     } else {
-        match EventReporter::connect(target).await {
+        match EventReporter::connect(job.cr.clone()).await {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(error = %e, "no Kubernetes client: running without events");
@@ -137,25 +103,13 @@ pub async fn run(ctx: &Ctx, op: PodOp) -> ExitCode {
         }
     };
     let progress = Arc::new(Progress::default());
-    let signals = {
-        let p = progress.clone();
-        tokio::spawn(async move {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                term.recv().await;
-                tracing::warn!("SIGTERM: canceling at the next safe point");
-                p.cancel();
-            }
-        })
-    };
+    let signals = CancelOnSignals::new(progress.clone());
     if let Some(r) = reporter.as_mut() {
         r.emit(&report(Stage::Started, &progress, String::new()))
             .await;
     }
-    let term_log = pod.termination_log.clone();
-    let interval = Duration::from_secs(pod.report_interval.max(1));
-    let work = work(ctx, &op, progress.clone());
+    let interval = job.report_interval.max(Duration::from_secs(1));
+    let work = work(target, job, op, progress.clone());
     tokio::pin!(work);
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
@@ -172,7 +126,7 @@ pub async fn run(ctx: &Ctx, op: PodOp) -> ExitCode {
             }
         }
     };
-    signals.abort();
+    drop(signals);
     let (final_report, message, code) = match outcome {
         Outcome::Done(json, r) => (r, json, ExitCode::SUCCESS),
         Outcome::Canceled => (
@@ -192,7 +146,7 @@ pub async fn run(ctx: &Ctx, op: PodOp) -> ExitCode {
     if let Some(r) = reporter.as_mut() {
         r.emit(&final_report).await;
     }
-    write_termination_log(&term_log, &message);
+    write_termination_log(&job.termination_log, &message);
     code
 }
 
@@ -237,38 +191,67 @@ fn write_termination_log(path: &std::path::Path, message: &str) {
     }
 }
 
-async fn work(ctx: &Ctx, op: &PodOp, progress: Arc<Progress>) -> Outcome {
+async fn work(target: &Target, job: &Job, op: &Operation, progress: Arc<Progress>) -> Outcome {
     let res = match op {
-        PodOp::Backup {
-            pod,
+        Operation::Backup {
             source_pvc,
             tags,
             path,
-        } => backup(ctx, pod, source_pvc, tags, path.clone(), progress.clone()).await,
-        PodOp::Restore {
-            pod,
+        } => {
+            backup(
+                target,
+                job,
+                source_pvc,
+                tags,
+                path.clone(),
+                progress.clone(),
+            )
+            .await
+        }
+        Operation::Restore {
             snapshot,
             sparse,
             path,
-        } => restore(ctx, pod, snapshot, *sparse, path.clone(), progress.clone()).await,
-        PodOp::Maintain { args, .. } => maintain(ctx, args, progress.clone()).await,
+        } => {
+            restore(
+                target,
+                job,
+                snapshot,
+                *sparse,
+                path.clone(),
+                progress.clone(),
+            )
+            .await
+        }
+        Operation::Maintain {
+            forget_tags,
+            grace_seconds,
+        } => maintain(target, forget_tags, *grace_seconds, progress.clone()).await,
     };
     match res {
         Ok(o) => o,
-        Err(e)
-            if progress.is_canceled()
-                || e.downcast_ref::<ferry_mover::Error>()
-                    .is_some_and(|e| matches!(e, ferry_mover::Error::Canceled)) =>
-        {
+        Err(e) if progress.is_canceled() || matches!(&e, Error::Engine(e) if e.is_canceled()) => {
             Outcome::Canceled
         }
-        Err(e) => Outcome::Failed(format!("{e:#}")),
+        Err(e) => Outcome::Failed(error_chain(&e)),
     }
 }
 
-fn volume_path(pod: &PodArgs, path: Option<PathBuf>) -> PathBuf {
+/// `error: cause: cause of the cause`, as the termination message carries it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn volume_path(job: &Job, path: Option<PathBuf>) -> PathBuf {
     path.unwrap_or_else(|| {
-        if pod.block {
+        if job.block {
             contract::DEVICE_PATH.into()
         } else {
             contract::VOLUME_PATH.into()
@@ -276,53 +259,28 @@ fn volume_path(pod: &PodArgs, path: Option<PathBuf>) -> PathBuf {
     })
 }
 
-/// Opens the repository, creating it on first use. Safe when several pods race to create it: exactly one
-/// `init` wins (conditional put of the config) and the others open what it made.
-async fn open_or_init(ctx: &Ctx) -> Result<Arc<Repository>> {
-    for attempt in 0..5 {
-        match ctx.open().await {
-            Ok(r) => return Ok(r),
-            Err(e)
-                if e.downcast_ref::<ferry_mover::Error>()
-                    .is_some_and(|e| matches!(e, ferry_mover::Error::NoRepository(_))) =>
-            {
-                match Repository::init(ctx.backend().await?, &ctx.password()?, KdfParams::default())
-                    .await
-                {
-                    Ok(cfg) => tracing::info!(id = %cfg.id, "created the repository"),
-                    Err(ferry_mover::Error::AlreadyInitialised(_)) => {}
-                    Err(e) => return Err(e).context("creating the repository"),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
-    }
-    Err(anyhow!("the repository could not be opened or created"))
-}
-
 async fn backup(
-    ctx: &Ctx,
-    pod: &PodArgs,
+    target: &Target,
+    job: &Job,
     source_pvc: &str,
     tags: &[(String, String)],
     path: Option<PathBuf>,
     progress: Arc<Progress>,
-) -> Result<Outcome> {
-    let source = volume_path(pod, path);
-    ferry_mover::backup::start_scan(&source, pod.block, &progress);
-    let repo = open_or_init(ctx).await?;
+) -> Result<Outcome, Error> {
+    let source = volume_path(job, path);
+    ferry_engine::backup::start_scan(&source, job.block, &progress);
+    let repo = target.open_or_init().await?;
     let mut opts = BackupOptions::new(source);
-    opts.block_device = pod.block;
+    opts.block_device = job.block;
     opts.tags = tags.iter().cloned().collect::<BTreeMap<_, _>>();
     opts.tags
         .insert(labels::TAG_SOURCE_PVC.into(), source_pvc.to_string());
     opts.tags
-        .insert(labels::TAG_DATA_UPLOAD.into(), pod.name.clone());
+        .insert(labels::TAG_DATA_UPLOAD.into(), job.cr.name.clone());
     opts.hostname = std::env::var("NODE_NAME").ok();
     opts.uploads = 4;
     // Parent: the latest snapshot of the same PVC and volume mode, whatever its other tags.
-    let kind = if pod.block {
+    let kind = if job.block {
         SourceKind::Block
     } else {
         SourceKind::Filesystem
@@ -335,103 +293,53 @@ async fn backup(
         Some((id, _)) => ParentSpec::Snapshot(id.to_hex()),
         None => ParentSpec::None,
     };
-    let out = ferry_mover::backup::backup(repo, opts, progress).await?;
+    let out = ferry_engine::backup::backup(repo, opts, progress).await?;
     let s = &out.snapshot.summary;
-    let result = s.result(&out.id);
     Ok(Outcome::Done(
-        serde_json::to_string(&result)?,
+        serde_json::to_string(&s.result(&out.id))?,
         completed(s.total_bytes, s.files),
     ))
 }
 
 async fn restore(
-    ctx: &Ctx,
-    pod: &PodArgs,
+    target: &Target,
+    job: &Job,
     snapshot: &str,
     sparse: bool,
     path: Option<PathBuf>,
     progress: Arc<Progress>,
-) -> Result<Outcome> {
-    let repo = ctx.open().await?;
+) -> Result<Outcome, Error> {
+    let repo = target.open().await?;
     let (id, snap) = repo
         .find_snapshot(snapshot)
         .await
-        .with_context(|| format!("snapshot {snapshot}"))?;
+        .map_err(|e| e.context(format!("snapshot {snapshot}")))?;
     let opts = RestoreOptions {
-        target: volume_path(pod, path),
         sparse,
-        verify: false,
-        downloads: 4,
+        ..RestoreOptions::new(volume_path(job, path))
     };
-    let s = ferry_mover::restore::restore(repo, &snap, &opts, progress).await?;
+    let s = ferry_engine::restore::restore(repo, &snap, &opts, progress).await?;
     for w in &s.warnings {
         eprintln!("warning: {w}");
     }
-    let result = RestoreResult {
-        version: RESULT_VERSION,
-        snapshot_id: id.to_hex(),
-        total_bytes: s.bytes,
-        files: s.files,
-        dirs: s.dirs,
-    };
     Ok(Outcome::Done(
-        serde_json::to_string(&result)?,
+        serde_json::to_string(&s.result(&id))?,
         completed(s.bytes, s.files),
     ))
 }
 
-async fn maintain(ctx: &Ctx, args: &MaintainArgs, progress: Arc<Progress>) -> Result<Outcome> {
-    let root = ctx
-        .global
-        .repo
-        .clone()
-        .ok_or_else(|| anyhow!("no repository root given"))?;
-    // Each source namespace's repository is a directory with a `config` under the root.
-    let namespaces: std::collections::BTreeSet<String> = ctx
-        .backend()
-        .await?
-        .list("")
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            o.key
-                .strip_suffix("/config")
-                .filter(|ns| !ns.contains('/'))
-                .map(str::to_string)
-        })
-        .collect();
-    let mut repos = Vec::new();
-    for ns in namespaces {
-        let mut global = ctx.global.clone();
-        global.repo = Some(format!("{}/{ns}", root.trim_end_matches('/')));
-        let sub = Ctx { global };
-        let repo = sub
-            .open()
-            .await
-            .with_context(|| format!("repository of namespace {ns}"))?;
-        let gone = ferry_mover::prune::forget(&repo, |_, s| {
-            args.forget_tags
-                .iter()
-                .all(|(k, v)| s.tags.get(k) == Some(v))
-        })
-        .await?;
-        if gone.is_empty() {
-            continue;
-        }
-        // Another maintenance run on the same repository (a second controller, a CLI user) is waited for.
-        let report = ferry_mover::prune::prune_with(
-            repo,
-            &crate::cli::prune_options(args.grace_seconds, MAINTENANCE_LOCK_WAIT_SECONDS),
-            progress.clone(),
-        )
-        .await?;
-        tracing::info!(namespace = %ns, forgotten = gone.len(), ?report, "pruned");
-        repos.push(serde_json::json!({
-            "namespace": ns,
-            "forgotten": gone.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
-            "prune": report,
-        }));
-    }
-    let result = serde_json::json!({"version": RESULT_VERSION, "repositories": repos});
-    Ok(Outcome::Done(result.to_string(), completed(0, 0)))
+async fn maintain(
+    target: &Target,
+    forget_tags: &[(String, String)],
+    grace_seconds: u64,
+    progress: Arc<Progress>,
+) -> Result<Outcome, Error> {
+    let selection = Selection::new(Vec::new(), forget_tags.to_vec())?;
+    // Another maintenance run on the same repository (a second controller, a CLI user) is waited for.
+    let prune = PruneOptions::from_secs(grace_seconds, MAINTENANCE_LOCK_WAIT_SECONDS);
+    let result = ferry_engine::forget::maintain(target, &selection, &prune, progress).await?;
+    Ok(Outcome::Done(
+        serde_json::to_string(&result)?,
+        completed(0, 0),
+    ))
 }
