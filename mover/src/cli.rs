@@ -1,4 +1,6 @@
-//! Command-line interface: argument parsing, progress display and output formatting.
+//! Command-line interface: argument parsing, progress display and output formatting. The work is the
+//! engine's (`ferry_engine`: repository targets, backup, restore, forget, prune, check, demo) and, for
+//! `ferry pod ...`, the mover library's ([`ferry_mover::pod`]).
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -9,19 +11,22 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use ferry_mover::backend::{
-    Location,
-    s3::{self, S3Options},
-};
-use ferry_mover::backup::{BackupOptions, ParentSpec};
-use ferry_mover::crypto::KdfParams;
-use ferry_mover::progress::Progress;
-use ferry_mover::repo::{OpenOptions, Repository};
-use ferry_mover::restore::RestoreOptions;
-use ferry_mover::tree::NodeKind;
-use ferry_proto::result::{BackupResult, RESULT_VERSION, RestoreResult};
+use ferry_engine::backend::s3::{self, S3Options};
+use ferry_engine::backup::{BackupOptions, ParentSpec};
+use ferry_engine::cancel::CancelOnSignals;
+use ferry_engine::demo::Step;
+use ferry_engine::forget::Selection;
+use ferry_engine::open::Target;
+use ferry_engine::progress::Progress;
+use ferry_engine::prune::{DEFAULT_GRACE_SECONDS, PruneOptions};
+use ferry_engine::repo::Repository;
+use ferry_engine::restore::RestoreOptions;
+use ferry_engine::tree::NodeKind;
+use ferry_mover::events::Target as EventTarget;
+use ferry_mover::pod::{Job, Operation};
+use ferry_proto::result::{BackupResult, RestoreResult};
 
 /// Ferry: deduplicated, compressed, encrypted backups to a directory or S3.
 #[derive(Debug, Parser)]
@@ -183,7 +188,7 @@ enum Command {
     },
     /// Mover-pod entrypoint (run by the Ferry controller inside a pod).
     #[command(subcommand, hide = true)]
-    Pod(crate::podcmd::PodOp),
+    Pod(PodOp),
     /// Demonstrate Ferry end to end in a temporary directory.
     Demo {
         /// Work directory (default: a new temporary directory, removed afterwards).
@@ -192,8 +197,140 @@ enum Command {
     },
 }
 
-/// Default prune grace period: far longer than any backup runs.
-pub const DEFAULT_GRACE_SECONDS: u64 = 6 * 3600;
+/// Which CR the pod works for, and how it reports.
+#[derive(Debug, clap::Args)]
+pub struct PodArgs {
+    /// `DataUpload` or `DataDownload`.
+    #[arg(long)]
+    pub kind: String,
+    /// CR name.
+    #[arg(long)]
+    pub name: String,
+    /// CR namespace.
+    #[arg(long)]
+    pub namespace: String,
+    /// CR uid.
+    #[arg(long)]
+    pub uid: String,
+    /// The volume is a raw block device at the contract's device path.
+    #[arg(long)]
+    pub block: bool,
+    /// Seconds between progress events.
+    #[arg(long, default_value_t = 5)]
+    pub report_interval: u64,
+    /// Where the result goes.
+    #[arg(long, default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// Emit no Events (outside a cluster).
+    #[arg(long)]
+    pub no_events: bool,
+}
+
+/// The pod operations.
+#[derive(Debug, clap::Subcommand)]
+pub enum PodOp {
+    /// Back up the exposed volume.
+    Backup {
+        #[command(flatten)]
+        pod: PodArgs,
+        /// The source PVC as NAMESPACE/NAME: recorded as a tag, selects the parent snapshot.
+        #[arg(long)]
+        source_pvc: String,
+        /// Extra tags, K=V.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Volume path (default: the contract's path for the volume mode).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Forget snapshots by tag in every repository under `--repo` (one per source namespace), then prune
+    /// the repositories that lost snapshots.
+    Maintain {
+        #[command(flatten)]
+        pod: PodArgs,
+        #[command(flatten)]
+        args: MaintainArgs,
+    },
+    /// Restore a snapshot into the exposed volume.
+    Restore {
+        #[command(flatten)]
+        pod: PodArgs,
+        /// Snapshot id.
+        #[arg(long)]
+        snapshot: String,
+        /// Write runs of zeros as holes.
+        #[arg(long)]
+        sparse: bool,
+        /// Volume path (default: the contract's path for the volume mode).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+}
+
+/// Tags and grace period of a maintenance run.
+#[derive(Debug, clap::Args)]
+pub struct MaintainArgs {
+    /// Forget snapshots carrying all these tags, K=V (repeatable), in every namespace repository.
+    #[arg(long = "forget-tag", value_parser = parse_tag, required = true)]
+    pub forget_tags: Vec<(String, String)>,
+    /// Prune grace period in seconds.
+    #[arg(long, default_value_t = DEFAULT_GRACE_SECONDS)]
+    pub grace_seconds: u64,
+}
+
+impl PodOp {
+    /// The pod's job and operation.
+    fn into_job(self) -> (Job, Operation) {
+        let (pod, op) = match self {
+            PodOp::Backup {
+                pod,
+                source_pvc,
+                tags,
+                path,
+            } => (
+                pod,
+                Operation::Backup {
+                    source_pvc,
+                    tags,
+                    path,
+                },
+            ),
+            PodOp::Restore {
+                pod,
+                snapshot,
+                sparse,
+                path,
+            } => (
+                pod,
+                Operation::Restore {
+                    snapshot,
+                    sparse,
+                    path,
+                },
+            ),
+            PodOp::Maintain { pod, args } => (
+                pod,
+                Operation::Maintain {
+                    forget_tags: args.forget_tags,
+                    grace_seconds: args.grace_seconds,
+                },
+            ),
+        };
+        let job = Job {
+            cr: EventTarget {
+                kind: pod.kind,
+                name: pod.name,
+                namespace: pod.namespace,
+                uid: pod.uid,
+            },
+            block: pod.block,
+            report_interval: Duration::from_secs(pod.report_interval),
+            termination_log: pod.termination_log,
+            events: !pod.no_events,
+        };
+        (job, op)
+    }
+}
 
 /// Parses `K=V`.
 pub fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -229,8 +366,8 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            if e.downcast_ref::<ferry_mover::Error>()
-                .is_some_and(|e| matches!(e, ferry_mover::Error::Canceled))
+            if e.downcast_ref::<ferry_engine::Error>()
+                .is_some_and(ferry_engine::Error::is_canceled)
             {
                 eprintln!("ferry: canceled");
                 return ExitCode::from(130);
@@ -241,86 +378,43 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// A repository context built from the global options.
-pub struct Ctx {
-    pub global: Global,
+impl Global {
+    /// The repository target the options name.
+    fn target(&self) -> Target {
+        Target {
+            repo: self.repo.clone(),
+            password_file: self.password_file.clone(),
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                path_style: self.s3_path_style,
+                profile: self.s3_profile.clone(),
+                insecure_skip_tls_verify: self.s3_insecure_skip_tls_verify,
+                ..s3_limits(self)
+            },
+            s3_ca_file: self.s3_ca_file.clone(),
+            cache_dir: self.cache_dir.clone(),
+            no_cache: self.no_cache,
+            cache_limit: self.cache_limit_mib * 1024 * 1024,
+        }
+    }
+}
+
+/// The global options and the repository target they name.
+struct Ctx {
+    global: Global,
+    target: Target,
 }
 
 impl Ctx {
-    fn location(&self) -> Result<Location> {
-        let repo = self
-            .global
-            .repo
-            .as_deref()
-            .ok_or_else(|| anyhow!("no repository given: use --repo or $FERRY_REPO"))?;
-        Ok(Location::parse(repo)?)
-    }
-
-    /// The repository password.
-    pub fn password(&self) -> Result<Vec<u8>> {
-        if let Some(f) = &self.global.password_file {
-            let mut p = std::fs::read(f)
-                .with_context(|| format!("reading password file {}", f.display()))?;
-            while p.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-                p.pop();
-            }
-            return Ok(p);
-        }
-        match std::env::var_os("FERRY_PASSWORD") {
-            Some(p) => Ok(p.as_bytes().to_vec()),
-            None => bail!("no password: set $FERRY_PASSWORD or use --password-file"),
-        }
-    }
-
-    /// The storage backend.
-    pub async fn backend(&self) -> Result<Arc<dyn ferry_mover::backend::Backend>> {
-        let g = &self.global;
-        let s3 = S3Options {
-            endpoint: g.s3_endpoint.clone(),
-            region: g.s3_region.clone(),
-            path_style: g.s3_path_style,
-            profile: g.s3_profile.clone(),
-            ca_pem: match (&g.s3_ca_file, std::env::var_os("FERRY_S3_CA_PEM")) {
-                (Some(f), _) => Some(
-                    std::fs::read(f)
-                        .with_context(|| format!("reading the S3 CA file {}", f.display()))?,
-                ),
-                (None, Some(pem)) if !pem.is_empty() => Some(pem.as_bytes().to_vec()),
-                _ => None,
-            },
-            insecure_skip_tls_verify: g.s3_insecure_skip_tls_verify,
-            ..s3_limits(g)
-        };
-        Ok(ferry_mover::open_backend(&self.location()?, s3).await?)
-    }
-
     /// Opens the repository.
-    pub async fn open(&self) -> Result<Arc<Repository>> {
-        let g = &self.global;
-        let opts = OpenOptions {
-            cache_dir: if g.no_cache {
-                None
-            } else {
-                g.cache_dir
-                    .clone()
-                    .or_else(ferry_mover::repo::default_cache_dir)
-            },
-            cache_limit: g.cache_limit_mib * 1024 * 1024,
-            ..Default::default()
-        };
-        Ok(Arc::new(
-            Repository::open(self.backend().await?, &self.password()?, &opts).await?,
-        ))
+    async fn open(&self) -> Result<Arc<Repository>> {
+        Ok(self.target.open().await?)
     }
 
     /// Creates the repository.
-    pub async fn init(&self) -> Result<()> {
-        let cfg = Repository::init(
-            self.backend().await?,
-            &self.password()?,
-            KdfParams::default(),
-        )
-        .await?;
+    async fn init(&self) -> Result<()> {
+        let cfg = self.target.init().await?;
         if self.global.json {
             println!("{}", serde_json::json!({ "repositoryId": cfg.id }));
         } else {
@@ -334,11 +428,11 @@ impl Ctx {
     }
 
     /// Runs `fut` while showing progress, canceling on Ctrl-C / SIGTERM.
-    pub async fn with_progress<T>(
+    async fn with_progress<T>(
         &self,
         what: &str,
         progress: Arc<Progress>,
-        fut: impl Future<Output = ferry_mover::Result<T>>,
+        fut: impl Future<Output = ferry_engine::Result<T>>,
     ) -> Result<T> {
         let show = !self.global.quiet && (self.global.json || std::io::stderr().is_terminal());
         let json = self.global.json;
@@ -389,28 +483,20 @@ impl Ctx {
                 }
             }
         });
-        let signals = {
-            let p = progress.clone();
-            tokio::spawn(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-                p.cancel();
-            })
-        };
+        let signals = CancelOnSignals::new(progress);
         let out = fut.await;
         display.abort();
-        signals.abort();
+        drop(signals);
         let _ = display.await;
         Ok(out?)
     }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let ctx = Ctx { global: cli.global };
+    let ctx = Ctx {
+        target: cli.global.target(),
+        global: cli.global,
+    };
     match cli.cmd {
         Command::Init => ctx.init().await?,
         Command::Backup {
@@ -422,7 +508,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             uploads,
         } => {
             let progress = Arc::new(Progress::default());
-            ferry_mover::backup::start_scan(&path, block_device, &progress);
+            ferry_engine::backup::start_scan(&path, block_device, &progress);
             let repo = ctx.open().await?;
             let mut opts = BackupOptions::new(path);
             opts.block_device = block_device;
@@ -433,8 +519,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             opts.tags = tags.into_iter().collect::<BTreeMap<_, _>>();
             opts.hostname = host;
-            let remote = matches!(ctx.location()?, Location::S3 { .. });
-            opts.uploads = uploads.unwrap_or(if remote { 4 } else { 2 });
+            opts.uploads = uploads.unwrap_or(if ctx.target.is_remote()? { 4 } else { 2 });
             let r = backup(&ctx, repo, opts, progress).await?;
             if ctx.global.json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -451,10 +536,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let repo = ctx.open().await?;
             let opts = RestoreOptions {
-                target,
                 sparse,
                 verify,
                 downloads,
+                ..RestoreOptions::new(target)
             };
             let r = restore(&ctx, repo, &snapshot, &opts).await?;
             if ctx.global.json {
@@ -470,7 +555,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_progress(
                     "check",
                     progress.clone(),
-                    ferry_mover::check::check(repo, read_data, progress),
+                    ferry_engine::check::check(repo, read_data, progress),
                 )
                 .await?;
             if ctx.global.json {
@@ -510,24 +595,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             grace_seconds,
             lock_wait_seconds,
         } => {
-            if ids.is_empty() && tags.is_empty() {
-                bail!("forget needs snapshot ids or --tag (refusing to forget every snapshot)");
-            }
+            let selection = Selection::new(ids, tags)?;
             let repo = ctx.open().await?;
-            let mut chosen = std::collections::HashSet::new();
-            for i in &ids {
-                chosen.insert(repo.find_snapshot(i).await?.0);
-            }
-            let gone = ferry_mover::prune::forget(&repo, |id, s| {
-                chosen.contains(id)
-                    || (!tags.is_empty() && tags.iter().all(|(k, v)| s.tags.get(k) == Some(v)))
-            })
-            .await?;
+            let gone = ferry_engine::forget::forget(&repo, &selection).await?;
             let report = if prune {
                 Some(
-                    ferry_mover::prune::prune_with(
+                    ferry_engine::prune::prune_with(
                         repo,
-                        &prune_options(grace_seconds, lock_wait_seconds),
+                        &PruneOptions::from_secs(grace_seconds, lock_wait_seconds),
                         Arc::new(Progress::default()),
                     )
                     .await?,
@@ -550,9 +625,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             lock_wait_seconds,
         } => {
             let repo = ctx.open().await?;
-            let r = ferry_mover::prune::prune_with(
+            let r = ferry_engine::prune::prune_with(
                 repo,
-                &prune_options(grace_seconds, lock_wait_seconds),
+                &PruneOptions::from_secs(grace_seconds, lock_wait_seconds),
                 Arc::new(Progress::default()),
             )
             .await?;
@@ -562,14 +637,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_prune(&r);
             }
         }
-        Command::Pod(op) => return Ok(crate::podcmd::run(&ctx, op).await),
-        Command::Demo { dir } => crate::demo::run(dir).await?,
+        Command::Pod(op) => {
+            let (job, op) = op.into_job();
+            return Ok(ferry_mover::pod::run(&ctx.target, &job, &op).await);
+        }
+        Command::Demo { dir } => {
+            ferry_engine::demo::run(dir, print_demo_step).await?;
+            println!("demo passed");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Backs up and returns the result document.
-pub async fn backup(
+async fn backup(
     ctx: &Ctx,
     repo: Arc<Repository>,
     opts: BackupOptions,
@@ -579,7 +660,7 @@ pub async fn backup(
         .with_progress(
             "backup",
             progress.clone(),
-            ferry_mover::backup::backup(repo, opts, progress),
+            ferry_engine::backup::backup(repo, opts, progress),
         )
         .await?;
     let s = &out.snapshot.summary;
@@ -600,7 +681,7 @@ pub async fn backup(
 }
 
 /// Restores and returns the result document.
-pub async fn restore(
+async fn restore(
     ctx: &Ctx,
     repo: Arc<Repository>,
     snapshot: &str,
@@ -612,7 +693,7 @@ pub async fn restore(
         .with_progress(
             "restore",
             progress.clone(),
-            ferry_mover::restore::restore(repo, &snap, opts, progress),
+            ferry_engine::restore::restore(repo, &snap, opts, progress),
         )
         .await?;
     for w in &s.warnings {
@@ -629,13 +710,7 @@ pub async fn restore(
             if opts.verify { ", verified" } else { "" }
         );
     }
-    Ok(RestoreResult {
-        version: RESULT_VERSION,
-        snapshot_id: id.to_hex(),
-        total_bytes: s.bytes,
-        files: s.files,
-        dirs: s.dirs,
-    })
+    Ok(s.result(&id))
 }
 
 async fn snapshots(ctx: &Ctx) -> Result<()> {
@@ -666,8 +741,8 @@ async fn snapshots(ctx: &Ctx) -> Result<()> {
             human(s.summary.total_bytes),
             human(s.summary.new_bytes),
             match s.source {
-                ferry_mover::snapshot::SourceKind::Filesystem => "fs",
-                ferry_mover::snapshot::SourceKind::Block => "block",
+                ferry_engine::snapshot::SourceKind::Filesystem => "fs",
+                ferry_engine::snapshot::SourceKind::Block => "block",
             },
             s.path,
             if s.tags.is_empty() {
@@ -716,7 +791,7 @@ async fn ls(ctx: &Ctx, snapshot: &str, sub: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn print_node(json: bool, path: &Path, n: &ferry_mover::tree::Node) {
+fn print_node(json: bool, path: &Path, n: &ferry_engine::tree::Node) {
     let (t, extra) = match &n.kind {
         NodeKind::File { .. } => ('-', String::new()),
         NodeKind::Dir { .. } => ('d', String::new()),
@@ -745,18 +820,7 @@ fn print_node(json: bool, path: &Path, n: &ferry_mover::tree::Node) {
     }
 }
 
-/// Prune options from the command line.
-pub fn prune_options(
-    grace_seconds: u64,
-    lock_wait_seconds: u64,
-) -> ferry_mover::prune::PruneOptions {
-    ferry_mover::prune::PruneOptions {
-        grace: Duration::from_secs(grace_seconds),
-        lock_wait: Duration::from_secs(lock_wait_seconds),
-    }
-}
-
-fn print_prune(r: &ferry_mover::prune::PruneReport) {
+fn print_prune(r: &ferry_engine::prune::PruneReport) {
     println!(
         "{} snapshot(s) kept; {} pack(s) deleted ({}), {} repacked, {} in use, {} unreferenced pack(s) \
          pending (grace period, or {} running backup(s))",
@@ -770,8 +834,60 @@ fn print_prune(r: &ferry_mover::prune::PruneReport) {
     );
 }
 
+/// Prints a step of `ferry demo`.
+fn print_demo_step(step: Step<'_>) {
+    match step {
+        Step::Started { work } => println!("== Ferry demo in {}", work.display()),
+        Step::Created { id, repo } => println!(
+            "1. created an encrypted repository {id} at {}",
+            repo.display()
+        ),
+        Step::FirstBackup(b) => {
+            let s = &b.snapshot.summary;
+            println!(
+                "2. first backup {}: {} files, {} logical, {} new, {} stored (dedup + lz4), {:.2}s",
+                b.id.short(),
+                s.files,
+                human(s.total_bytes),
+                human(s.new_bytes),
+                human(s.stored_bytes),
+                s.seconds
+            );
+        }
+        Step::Changed => {
+            println!("3. changed 64 KiB inside a 24 MiB file, added one file, removed one")
+        }
+        Step::SecondBackup(b) => {
+            let s = &b.snapshot.summary;
+            println!(
+                "4. second backup {} (parent {}): read {} of {}, {} new, {} stored, {:.2}s",
+                b.id.short(),
+                b.snapshot.parent.map(|p| p.short()).unwrap_or_default(),
+                human(s.read_bytes),
+                human(s.total_bytes),
+                human(s.new_bytes),
+                human(s.stored_bytes),
+                s.seconds
+            );
+        }
+        Step::Restored { target, summary } => println!(
+            "5. restored latest to {}: {} files, {} (sparse, every chunk verified)",
+            target.display(),
+            summary.files,
+            human(summary.bytes)
+        ),
+        Step::Compared { entries } => println!(
+            "6. compared source and restore: {entries} entries identical (content, type, mode, mtime, links)"
+        ),
+        Step::Checked(r) => println!(
+            "7. check --read-data: {} packs, {} blobs, {} snapshots: no errors",
+            r.packs, r.blobs, r.snapshots
+        ),
+    }
+}
+
 /// Bytes in binary units.
-pub fn human(b: u64) -> String {
+fn human(b: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = b as f64;
     let mut i = 0;

@@ -54,7 +54,7 @@ impl EventReporter {
         EventReporter {
             api: Api::namespaced(client, &target.namespace),
             host: std::env::var("NODE_NAME").unwrap_or_default(),
-            instance: std::env::var("POD_NAME").unwrap_or_else(|_| crate::repo::hostname()),
+            instance: std::env::var("POD_NAME").unwrap_or_else(|_| ferry_engine::repo::hostname()),
             target,
             progress_event: None,
             seq: 0,
@@ -65,7 +65,7 @@ impl EventReporter {
         self.seq += 1;
         let now = Timestamp::now();
         let mut suffix = [0u8; 4];
-        let _ = crate::crypto::fill_random(&mut suffix);
+        let _ = ferry_engine::crypto::fill_random(&mut suffix);
         let stage = report.stage();
         Event {
             metadata: ObjectMeta {

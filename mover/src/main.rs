@@ -1,8 +1,7 @@
-//! The `ferry` binary: a thin shell around the engine library.
+//! The `ferry` binary: argument parsing and printing ([`cli`]) around the engine library (`ferry_engine`)
+//! and the mover pod's library (`ferry_mover::pod`).
 
 mod cli;
-mod demo;
-mod podcmd;
 
 fn main() -> std::process::ExitCode {
     tune_malloc();

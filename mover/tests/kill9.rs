@@ -1,6 +1,8 @@
 //! A backup killed with SIGKILL leaves a repository that `check` accepts, and the next backup completes.
 #![allow(clippy::unwrap_used)]
 
+// The engine's test helpers (tests of the `ferry` binary live with the binary).
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::process::{Command, Stdio};
@@ -96,7 +98,7 @@ fn kill_dash_nine_mid_backup_leaves_a_checkable_repository() {
         .status()
         .unwrap();
     assert!(st.success());
-    ferry_mover::fsmeta::compare_trees(src.path(), target.path()).unwrap();
+    ferry_engine::fsmeta::compare_trees(src.path(), target.path()).unwrap();
     let check = ferry(repo.path())
         .args(["check", "--read-data"])
         .output()

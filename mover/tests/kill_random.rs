@@ -4,6 +4,8 @@
 //! restores exactly. Prints one summary line per repository kind (figures for `e2e/README.md`).
 #![allow(clippy::unwrap_used)]
 
+// The engine's test helpers (tests of the `ferry` binary live with the binary).
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
@@ -131,7 +133,7 @@ fn kill_runs(t: &Target, runs: u64, seed: u64) -> Tally {
         ],
         "restore of the last snapshot",
     );
-    ferry_mover::fsmeta::compare_trees(src.path(), target.path()).unwrap();
+    ferry_engine::fsmeta::compare_trees(src.path(), target.path()).unwrap();
     t.ok(&["prune", "--grace-seconds", "0"], "final prune");
     t.ok(&["check", "--read-data"], "final check");
     tally

@@ -1,6 +1,7 @@
 //! Ferry's wire contracts: everything a third party could depend on lives here.
 //!
-//! * [`velero`]: Velero's DataUpload / DataDownload / BackupStorageLocation resources, field for field.
+//! * `velero` (feature `k8s`, on by default): Velero's DataUpload / DataDownload / BackupStorageLocation
+//!   resources, field for field. The storage engine builds without it, and so without kube.
 //! * [`result`]: the result document a mover writes to its termination message.
 //! * [`report`]: the progress Events a mover emits (protobuf payload).
 //! * [`pod`]: the mover-pod contract (paths, flags, exit codes).
@@ -12,4 +13,5 @@ pub mod labels;
 pub mod pod;
 pub mod report;
 pub mod result;
+#[cfg(feature = "k8s")]
 pub mod velero;

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ferry_mover::backup::BackupOptions;
-use ferry_mover::progress::Progress;
-use ferry_mover::prune::{forget, prune};
-use ferry_mover::repo::Repository;
+use ferry_engine::backup::BackupOptions;
+use ferry_engine::progress::Progress;
+use ferry_engine::prune::{forget, prune};
+use ferry_engine::repo::Repository;
 
 const GRACE: Duration = Duration::from_secs(1);
 
@@ -35,23 +35,23 @@ fn trees(root: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (a, b)
 }
 
-async fn prune_now(repo: &Arc<Repository>) -> ferry_mover::prune::PruneReport {
+async fn prune_now(repo: &Arc<Repository>) -> ferry_engine::prune::PruneReport {
     prune(repo.clone(), GRACE, Arc::new(Progress::default()))
         .await
         .unwrap()
 }
 
-type Running = tokio::task::JoinHandle<ferry_mover::Result<ferry_mover::backup::BackupOutcome>>;
+type Running = tokio::task::JoinHandle<ferry_engine::Result<ferry_engine::backup::BackupOutcome>>;
 
 /// Starts a backup of `src` and returns once it is about to write its snapshot; `Gate::release` lets it on.
 async fn backup_until_commit(
-    plain: &Arc<dyn ferry_mover::backend::Backend>,
+    plain: &Arc<dyn ferry_engine::backend::Backend>,
     src: &std::path::Path,
 ) -> (Arc<Gate>, Running) {
     let gate = Gate::new(plain.clone(), "snapshots/");
-    let gated: Arc<dyn ferry_mover::backend::Backend> = gate.clone();
+    let gated: Arc<dyn ferry_engine::backend::Backend> = gate.clone();
     let repo = reopen(&gated).await;
-    let running = tokio::spawn(ferry_mover::backup::backup(
+    let running = tokio::spawn(ferry_engine::backup::backup(
         repo,
         BackupOptions::new(src),
         Arc::new(Progress::default()),
@@ -62,17 +62,17 @@ async fn backup_until_commit(
 
 /// The committed snapshot (if the backup succeeded) must check clean and restore exactly.
 async fn assert_restorable(
-    backend: &Arc<dyn ferry_mover::backend::Backend>,
+    backend: &Arc<dyn ferry_engine::backend::Backend>,
     src: &std::path::Path,
 ) {
     let repo = reopen(backend).await;
-    let report = ferry_mover::check::check(repo.clone(), true, Default::default())
+    let report = ferry_engine::check::check(repo.clone(), true, Default::default())
         .await
         .unwrap();
     assert!(report.ok(), "check after the race: {:?}", report.errors);
     let out = tempdir();
     restore_latest(&repo, out.path()).await.unwrap();
-    ferry_mover::fsmeta::compare_trees(src, out.path()).unwrap();
+    ferry_engine::fsmeta::compare_trees(src, out.path()).unwrap();
 }
 
 /// The reproduction: A's packs are prune candidates (A forgotten, one prune ran), a backup of a

@@ -102,7 +102,8 @@ pub struct Repository {
 /// How often a read follows blobs that a concurrent prune moved to other packs before giving up.
 pub const MAX_RELOCATIONS: usize = 3;
 
-pub(crate) fn hostname() -> String {
+/// This machine's host name (empty when unknown).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

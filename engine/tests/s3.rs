@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use ferry_mover::backend::Backend;
-use ferry_mover::backend::s3::{S3Backend, S3Options};
+use ferry_engine::backend::Backend;
+use ferry_engine::backend::s3::{S3Backend, S3Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_backend_conformance_and_round_trip() {
@@ -17,11 +17,11 @@ async fn s3_backend_conformance_and_round_trip() {
 
     // The shared backend suite, at the bucket root and under a prefix.
     let b = S3Backend::new(s3.options("conformance", "")).await.unwrap();
-    ferry_mover::backend::conformance::run(&b).await;
+    ferry_engine::backend::conformance::run(&b).await;
     let b = S3Backend::new(s3.options("repos", "team/ferry/ns1"))
         .await
         .unwrap();
-    ferry_mover::backend::conformance::run(&b).await;
+    ferry_engine::backend::conformance::run(&b).await;
 
     // A whole backup / incremental / restore / check cycle on S3.
     let backend: Arc<dyn Backend> = Arc::new(
@@ -44,8 +44,8 @@ async fn s3_backend_conformance_and_round_trip() {
     );
     let out = tempdir();
     restore_latest(&repo, out.path()).await.unwrap();
-    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
-    let report = ferry_mover::check::check(repo.clone(), true, Default::default())
+    ferry_engine::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    let report = ferry_engine::check::check(repo.clone(), true, Default::default())
         .await
         .unwrap();
     assert!(report.ok(), "{:?}", report.errors);
@@ -59,13 +59,13 @@ async fn s3_backend_conformance_and_round_trip() {
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[100] ^= 0x40;
     std::fs::write(&pack, bytes).unwrap();
-    let report = ferry_mover::check::check(repo.clone(), true, Default::default())
+    let report = ferry_engine::check::check(repo.clone(), true, Default::default())
         .await
         .unwrap();
     assert!(!report.ok(), "tampered pack not detected");
     let out2 = tempdir();
     let err = restore_latest(&repo, out2.path()).await.unwrap_err();
-    assert!(matches!(err, ferry_mover::Error::Integrity(_)), "{err}");
+    assert!(matches!(err, ferry_engine::Error::Integrity(_)), "{err}");
 
     // Mover pods of one namespace racing to create its repository: one wins, all agree afterwards,
     // even on a server whose conditional PUT is not atomic.
@@ -75,7 +75,7 @@ async fn s3_backend_conformance_and_round_trip() {
             .unwrap(),
     );
     let inits =
-        (0..4).map(|_| ferry_mover::repo::Repository::init(racing.clone(), PASSWORD, FAST_KDF));
+        (0..4).map(|_| ferry_engine::repo::Repository::init(racing.clone(), PASSWORD, FAST_KDF));
     let results = futures::future::join_all(inits).await;
     let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(winners.len(), 1, "{results:?}");
@@ -116,7 +116,7 @@ async fn s3_errors_are_clear() {
         .get("config")
         .await
         .unwrap_err();
-    assert!(matches!(err, ferry_mover::Error::Backend { .. }), "{err}");
+    assert!(matches!(err, ferry_engine::Error::Backend { .. }), "{err}");
 }
 
 /// An S3 endpoint behind HTTPS with a private CA: refused with a clear error when the CA is not given,
@@ -138,7 +138,7 @@ async fn s3_over_tls_with_private_ca() {
     );
 
     let b = S3Backend::new(s3.options("tls", "ca")).await.unwrap();
-    ferry_mover::backend::conformance::run(&b).await;
+    ferry_engine::backend::conformance::run(&b).await;
     let backend: Arc<dyn Backend> =
         Arc::new(S3Backend::new(s3.options("tls", "repo")).await.unwrap());
     let repo = new_repo(backend.clone()).await;
@@ -147,7 +147,7 @@ async fn s3_over_tls_with_private_ca() {
     backup(&repo, src.path()).await;
     let out = tempdir();
     restore_latest(&repo, out.path()).await.unwrap();
-    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    ferry_engine::fsmeta::compare_trees(src.path(), out.path()).unwrap();
 
     let insecure = S3Options {
         ca_pem: None,
@@ -155,7 +155,7 @@ async fn s3_over_tls_with_private_ca() {
         ..s3.options("tls", "insecure")
     };
     let b = S3Backend::new(insecure).await.unwrap();
-    ferry_mover::backend::conformance::run(&b).await;
+    ferry_engine::backend::conformance::run(&b).await;
 
     let bad = S3Options {
         ca_pem: Some(b"not a certificate".to_vec()),

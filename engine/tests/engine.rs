@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
-use ferry_mover::backup::{BackupOptions, ParentSpec};
-use ferry_mover::crypto::Kind;
-use ferry_mover::index::{INDEX_VERSION, IndexPack, IndexSegment};
-use ferry_mover::pack::{BlobKind, PackWriter, encode_blob};
-use ferry_mover::progress::Progress;
-use ferry_mover::repo::{OpenOptions, Repository};
-use ferry_mover::restore::RestoreOptions;
-use ferry_mover::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
-use ferry_mover::tree::{Node, NodeKind, TREE_VERSION, Tree};
-use ferry_mover::{Error, check::check};
+use ferry_engine::backup::{BackupOptions, ParentSpec};
+use ferry_engine::crypto::Kind;
+use ferry_engine::index::{INDEX_VERSION, IndexPack, IndexSegment};
+use ferry_engine::pack::{BlobKind, PackWriter, encode_blob};
+use ferry_engine::progress::Progress;
+use ferry_engine::repo::{OpenOptions, Repository};
+use ferry_engine::restore::RestoreOptions;
+use ferry_engine::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
+use ferry_engine::tree::{Node, NodeKind, TREE_VERSION, Tree};
+use ferry_engine::{Error, check::check};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_keeps_every_kind_of_entry_and_metadata() {
@@ -33,7 +33,7 @@ async fn round_trip_keeps_every_kind_of_entry_and_metadata() {
     );
     let r = restore_latest(&repo, out.path()).await.unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
-    let n = ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    let n = ferry_engine::fsmeta::compare_trees(src.path(), out.path()).unwrap();
     assert!(n >= 15, "compared {n} entries");
     // Hard links come back as hard links.
     assert_eq!(
@@ -84,7 +84,7 @@ async fn incremental_backups_skip_unchanged_files_even_from_a_fresh_clone() {
     copy_tree(src.path(), clone.path());
     let mut o = BackupOptions::new(clone.path());
     o.parent = ParentSpec::Snapshot(b3.id.to_hex());
-    let b4 = ferry_mover::backup::backup(reopen(&backend).await, o, Arc::new(Progress::default()))
+    let b4 = ferry_engine::backup::backup(reopen(&backend).await, o, Arc::new(Progress::default()))
         .await
         .unwrap();
     assert_eq!(b4.snapshot.summary.read_bytes, 0);
@@ -142,7 +142,7 @@ async fn a_flipped_bit_anywhere_is_detected_never_restored_as_data() {
                 let out = tempdir();
                 restore_latest(&repo, out.path()).await?;
                 // If a restore "succeeds", its data must still be exactly right.
-                ferry_mover::fsmeta::compare_trees(src.path(), out.path())
+                ferry_engine::fsmeta::compare_trees(src.path(), out.path())
                     .map_err(Error::Invalid)?;
                 let r = check(repo, true, Default::default()).await?;
                 if r.ok() {
@@ -347,10 +347,10 @@ async fn two_backups_at_once_both_succeed() {
             verify: true,
             ..RestoreOptions::new(out.path())
         };
-        ferry_mover::restore::restore(repo.clone(), &s.snapshot, &o, Default::default())
+        ferry_engine::restore::restore(repo.clone(), &s.snapshot, &o, Default::default())
             .await
             .unwrap();
-        ferry_mover::fsmeta::compare_trees(src, out.path()).unwrap();
+        ferry_engine::fsmeta::compare_trees(src, out.path()).unwrap();
     }
     let r = check(repo, true, Default::default()).await.unwrap();
     assert!(r.ok(), "{r:?}");
@@ -368,7 +368,7 @@ async fn block_device_images_round_trip_and_restore_sparse() {
     let repo = new_repo(backend.clone()).await;
     let mut o = BackupOptions::new(&img);
     o.block_device = true;
-    let b = ferry_mover::backup::backup(repo.clone(), o, Default::default())
+    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
         .await
         .unwrap();
     assert_eq!(b.snapshot.source, SourceKind::Block);
@@ -383,7 +383,7 @@ async fn block_device_images_round_trip_and_restore_sparse() {
     let mut ro = RestoreOptions::new(&out);
     ro.sparse = true;
     ro.verify = true;
-    ferry_mover::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
+    ferry_engine::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
@@ -395,7 +395,7 @@ async fn block_device_images_round_trip_and_restore_sparse() {
 
     // Restoring over an existing, dirty image gives the same bytes.
     std::fs::write(&out, vec![0xFFu8; 50 << 20]).unwrap();
-    ferry_mover::restore::restore(repo, &b.snapshot, &ro, Default::default())
+    ferry_engine::restore::restore(repo, &b.snapshot, &ro, Default::default())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
@@ -440,7 +440,7 @@ async fn the_cache_is_used_and_a_corrupt_cache_is_harmless() {
     );
     let out = tempdir();
     restore_latest(&repo, out.path()).await.unwrap();
-    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    ferry_engine::fsmeta::compare_trees(src.path(), out.path()).unwrap();
     // Garbage instead of a database: rebuilt.
     std::fs::write(
         &db,
@@ -459,7 +459,7 @@ async fn cancel_stops_a_backup_and_leaves_a_consistent_repository() {
     let repo = new_repo(backend.clone()).await;
     let p = Arc::new(Progress::default());
     p.cancel();
-    let err = ferry_mover::backup::backup(repo.clone(), BackupOptions::new(src.path()), p)
+    let err = ferry_engine::backup::backup(repo.clone(), BackupOptions::new(src.path()), p)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Canceled), "{err}");
@@ -476,7 +476,7 @@ async fn a_kind_confused_object_is_rejected() {
     let repo_dir = tempdir();
     let backend = local(repo_dir.path());
     let repo = new_repo(backend.clone()).await;
-    let stored = ferry_mover::pack::encode(repo.keys(), Kind::Index, b"{}", false).unwrap();
+    let stored = ferry_engine::pack::encode(repo.keys(), Kind::Index, b"{}", false).unwrap();
     let name = hex::encode(blake3::hash(&stored).as_bytes());
     backend
         .put(&format!("snapshots/{name}"), Bytes::from(stored))
@@ -499,7 +499,7 @@ async fn a_backup_canceled_midway_is_resumed_by_the_next_one() {
     let backend = local(repo_dir.path());
     let repo = new_repo(backend.clone()).await;
     let p = Arc::new(Progress::default());
-    let task = tokio::spawn(ferry_mover::backup::backup(
+    let task = tokio::spawn(ferry_engine::backup::backup(
         repo.clone(),
         BackupOptions::new(src.path()),
         p.clone(),
@@ -539,7 +539,7 @@ async fn racing_inits_agree_on_one_repository() {
     for r in &results {
         if let Err(e) = r {
             assert!(
-                matches!(e, ferry_mover::Error::AlreadyInitialised(_)),
+                matches!(e, ferry_engine::Error::AlreadyInitialised(_)),
                 "{e}"
             );
         }
@@ -558,19 +558,19 @@ async fn racing_inits_agree_on_one_repository() {
 /// deleted on the first prune.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_removes_only_what_forgotten_snapshots_used() {
-    use ferry_mover::prune::{forget, prune};
+    use ferry_engine::prune::{forget, prune};
     use std::time::Duration;
     let (src, repo_dir) = (tempdir(), tempdir());
     let backend = local(repo_dir.path());
     let repo = new_repo(backend.clone()).await;
     std::fs::write(
         src.path().join("keep.bin"),
-        ferry_mover::testdata::pseudo_random(3 << 20, 1),
+        ferry_engine::testdata::pseudo_random(3 << 20, 1),
     )
     .unwrap();
     std::fs::write(
         src.path().join("gone.bin"),
-        ferry_mover::testdata::pseudo_random(3 << 20, 2),
+        ferry_engine::testdata::pseudo_random(3 << 20, 2),
     )
     .unwrap();
     let a = backup(&repo, src.path()).await;
@@ -612,14 +612,14 @@ async fn prune_removes_only_what_forgotten_snapshots_used() {
         before
     );
     let repo = reopen(&backend).await;
-    let report = ferry_mover::check::check(repo.clone(), true, Default::default())
+    let report = ferry_engine::check::check(repo.clone(), true, Default::default())
         .await
         .unwrap();
     assert!(report.ok(), "{:?}", report.errors);
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     let out = tempdir();
     restore_latest(&repo, out.path()).await.unwrap();
-    ferry_mover::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    ferry_engine::fsmeta::compare_trees(src.path(), out.path()).unwrap();
     assert_eq!(repo.snapshots().await.unwrap().len(), 1);
     assert_eq!(repo.snapshots().await.unwrap()[0].0, b.id);
 }

@@ -67,6 +67,26 @@ pub enum Error {
     /// Bad input from the caller.
     #[error("{0}")]
     Invalid(String),
+    /// A file the caller named (password, CA certificates) could not be read.
+    #[error("reading {what} {}", path.display())]
+    ReadFile {
+        /// What the file holds, e.g. `password file`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// What was being done when `source` happened.
+    #[error("{context}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -76,6 +96,27 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    /// Says what was being done when this error happened.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The error under any [`Error::Context`] layers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
+    /// Whether the operation stopped because it was canceled.
+    pub fn is_canceled(&self) -> bool {
+        matches!(self.root(), Error::Canceled)
     }
 
     /// Wraps a storage error.

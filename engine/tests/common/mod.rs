@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 
-use ferry_mover::backend::Backend;
-use ferry_mover::backend::local::LocalBackend;
-use ferry_mover::backup::{BackupOptions, BackupOutcome};
-use ferry_mover::crypto::KdfParams;
-use ferry_mover::progress::Progress;
-use ferry_mover::repo::{OpenOptions, Repository};
-use ferry_mover::restore::{RestoreOptions, RestoreSummary};
+use ferry_engine::backend::Backend;
+use ferry_engine::backend::local::LocalBackend;
+use ferry_engine::backup::{BackupOptions, BackupOutcome};
+use ferry_engine::crypto::KdfParams;
+use ferry_engine::progress::Progress;
+use ferry_engine::repo::{OpenOptions, Repository};
+use ferry_engine::restore::{RestoreOptions, RestoreSummary};
 
 pub const PASSWORD: &[u8] = b"correct horse battery staple";
 /// Cheap key derivation so tests stay fast (the default is 64 MiB).
@@ -54,7 +54,7 @@ pub fn local(dir: &Path) -> Arc<dyn Backend> {
 }
 
 pub async fn backup(repo: &Arc<Repository>, src: &Path) -> BackupOutcome {
-    ferry_mover::backup::backup(
+    ferry_engine::backup::backup(
         repo.clone(),
         BackupOptions::new(src),
         Arc::new(Progress::default()),
@@ -66,14 +66,14 @@ pub async fn backup(repo: &Arc<Repository>, src: &Path) -> BackupOutcome {
 pub async fn restore_latest(
     repo: &Arc<Repository>,
     target: &Path,
-) -> ferry_mover::Result<RestoreSummary> {
+) -> ferry_engine::Result<RestoreSummary> {
     let (_, snap) = repo.find_snapshot("latest").await?;
     let mut o = RestoreOptions::new(target);
     o.verify = true;
-    ferry_mover::restore::restore(repo.clone(), &snap, &o, Arc::new(Progress::default())).await
+    ferry_engine::restore::restore(repo.clone(), &snap, &o, Arc::new(Progress::default())).await
 }
 
-pub use ferry_mover::testdata::pseudo_random;
+pub use ferry_engine::testdata::pseudo_random;
 
 /// A tree with every kind of entry and metadata Ferry records.
 pub fn rich_tree(root: &Path) {
@@ -271,8 +271,8 @@ impl S3Server {
         panic!("versitygw did not start; log: {log}");
     }
 
-    pub fn options(&self, bucket: &str, prefix: &str) -> ferry_mover::backend::s3::S3Options {
-        ferry_mover::backend::s3::S3Options {
+    pub fn options(&self, bucket: &str, prefix: &str) -> ferry_engine::backend::s3::S3Options {
+        ferry_engine::backend::s3::S3Options {
             bucket: bucket.into(),
             prefix: prefix.into(),
             endpoint: Some(self.endpoint.clone()),
@@ -361,7 +361,7 @@ impl Backend for Gate {
     fn location(&self) -> String {
         self.inner.location()
     }
-    async fn put(&self, key: &str, data: bytes::Bytes) -> ferry_mover::Result<()> {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> ferry_engine::Result<()> {
         if key.starts_with(&self.prefix) {
             let mut rx = self.open.subscribe();
             if !*rx.borrow() {
@@ -373,13 +373,13 @@ impl Backend for Gate {
         }
         self.inner.put(key, data).await
     }
-    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> ferry_mover::Result<bool> {
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> ferry_engine::Result<bool> {
         self.inner.put_if_absent(key, data).await
     }
     fn settle_delay(&self) -> std::time::Duration {
         self.inner.settle_delay()
     }
-    async fn get(&self, key: &str) -> ferry_mover::Result<bytes::Bytes> {
+    async fn get(&self, key: &str) -> ferry_engine::Result<bytes::Bytes> {
         self.inner.get(key).await
     }
     async fn get_range(
@@ -387,16 +387,16 @@ impl Backend for Gate {
         key: &str,
         offset: u64,
         len: u64,
-    ) -> ferry_mover::Result<bytes::Bytes> {
+    ) -> ferry_engine::Result<bytes::Bytes> {
         self.inner.get_range(key, offset, len).await
     }
     async fn list(
         &self,
         prefix: &str,
-    ) -> ferry_mover::Result<Vec<ferry_mover::backend::ObjectInfo>> {
+    ) -> ferry_engine::Result<Vec<ferry_engine::backend::ObjectInfo>> {
         self.inner.list(prefix).await
     }
-    async fn delete(&self, key: &str) -> ferry_mover::Result<()> {
+    async fn delete(&self, key: &str) -> ferry_engine::Result<()> {
         self.inner.delete(key).await
     }
 }

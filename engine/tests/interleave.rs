@@ -21,16 +21,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{FAST_KDF, PASSWORD};
-use ferry_mover::backend::memory::MemoryBackend;
-use ferry_mover::backend::{Backend, ObjectInfo};
-use ferry_mover::backup::{BackupOptions, ParentSpec};
-use ferry_mover::clock::ManualClock;
-use ferry_mover::id::SnapshotId;
-use ferry_mover::progress::Progress;
-use ferry_mover::prune::{PruneOptions, prune_with};
-use ferry_mover::repo::{OpenOptions, Repository};
-use ferry_mover::restore::{RestoreOptions, restore};
-use ferry_mover::{Error, Result};
+use ferry_engine::backend::memory::MemoryBackend;
+use ferry_engine::backend::{Backend, ObjectInfo};
+use ferry_engine::backup::{BackupOptions, ParentSpec};
+use ferry_engine::clock::ManualClock;
+use ferry_engine::id::SnapshotId;
+use ferry_engine::progress::Progress;
+use ferry_engine::prune::{PruneOptions, prune_with};
+use ferry_engine::repo::{OpenOptions, Repository};
+use ferry_engine::restore::{RestoreOptions, restore};
+use ferry_engine::{Error, Result};
 
 /// Small deterministic generator (xorshift*), so a failing seed replays.
 struct Rng(u64);
@@ -116,7 +116,7 @@ enum Job {
 /// What an actor ended with.
 enum Ended {
     Backup(Result<SnapshotId>),
-    Prune(Result<ferry_mover::prune::PruneReport>),
+    Prune(Result<ferry_engine::prune::PruneReport>),
     Restore(Result<()>),
 }
 
@@ -251,7 +251,7 @@ impl Case {
                     let r = async {
                         let repo =
                             Arc::new(Repository::open(backend, PASSWORD, &opts(&clock)).await?);
-                        ferry_mover::backup::backup(repo, o, Arc::new(Progress::default())).await
+                        ferry_engine::backup::backup(repo, o, Arc::new(Progress::default())).await
                     };
                     Ended::Backup(r.await.map(|b| b.id))
                 })
@@ -376,7 +376,7 @@ impl Case {
             return;
         };
         let repo = self.repo(self.store.clone()).await;
-        ferry_mover::prune::forget(&repo, |s, _| *s == id)
+        ferry_engine::prune::forget(&repo, |s, _| *s == id)
             .await
             .unwrap();
         self.kept.remove(&id);
@@ -463,7 +463,7 @@ impl Case {
                     self.log
                 );
             }
-            if let Err(e) = ferry_mover::fsmeta::compare_trees(&self.sources[source], &target) {
+            if let Err(e) = ferry_engine::fsmeta::compare_trees(&self.sources[source], &target) {
                 panic!(
                     "snapshot {} restores wrong data: {e}; log: {:#?}",
                     id.short(),

@@ -29,6 +29,9 @@ use crate::repo::Repository;
 use crate::snapshot::Snapshot;
 use crate::tree::NodeKind;
 
+/// Default grace period of a prune, in seconds: far longer than any backup runs.
+pub const DEFAULT_GRACE_SECONDS: u64 = 6 * 3600;
+
 /// How a prune runs.
 #[derive(Debug, Clone, Default)]
 pub struct PruneOptions {
@@ -37,6 +40,16 @@ pub struct PruneOptions {
     pub grace: Duration,
     /// How long to wait for another maintenance run to finish before failing.
     pub lock_wait: Duration,
+}
+
+impl PruneOptions {
+    /// A grace period and a lock wait, in whole seconds (as flags give them).
+    pub fn from_secs(grace_seconds: u64, lock_wait_seconds: u64) -> Self {
+        PruneOptions {
+            grace: Duration::from_secs(grace_seconds),
+            lock_wait: Duration::from_secs(lock_wait_seconds),
+        }
+    }
 }
 
 /// What a prune did.

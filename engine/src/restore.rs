@@ -23,7 +23,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
 use crate::fsmeta;
-use crate::id::{BlobId, PackId};
+use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::Index;
 use crate::pack::{self, BlobKind};
 use crate::progress::{Phase, Progress};
@@ -67,6 +67,20 @@ pub struct RestoreSummary {
     pub bytes: u64,
     /// Metadata this system could not apply (e.g. `security.*` xattrs as non-root).
     pub warnings: Vec<String>,
+}
+
+impl RestoreSummary {
+    /// The result document (`ferry_proto::result`) of this restore of snapshot `id`: what `ferry restore
+    /// --json` prints and a restore pod writes as its termination message.
+    pub fn result(&self, id: &SnapshotId) -> ferry_proto::result::RestoreResult {
+        ferry_proto::result::RestoreResult {
+            version: ferry_proto::result::RESULT_VERSION,
+            snapshot_id: id.to_hex(),
+            total_bytes: self.bytes,
+            files: self.files,
+            dirs: self.dirs,
+        }
+    }
 }
 
 struct PlannedFile {

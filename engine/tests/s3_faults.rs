@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::faulty_s3::{Fault, FaultyS3, Rule};
 use common::*;
-use ferry_mover::backend::Backend;
-use ferry_mover::backend::s3::{S3Backend, S3Options};
+use ferry_engine::backend::Backend;
+use ferry_engine::backend::s3::{S3Backend, S3Options};
 
 /// No single backup or restore in these tests may take longer than this.
 const BOUND: Duration = Duration::from_secs(120);
@@ -92,7 +92,7 @@ impl Bench {
     }
 
     /// Checks an outcome against the expectation; counts it.
-    fn judge<T>(&mut self, what: &str, expect: Expect, took: Duration, r: ferry_mover::Result<T>) {
+    fn judge<T>(&mut self, what: &str, expect: Expect, took: Duration, r: ferry_engine::Result<T>) {
         self.runs += 1;
         assert!(took < BOUND, "{what} took {took:?}");
         match (r, expect) {
@@ -100,7 +100,7 @@ impl Bench {
             (Err(e), Expect::Failure(op)) => {
                 let text = e.to_string();
                 match &e {
-                    ferry_mover::Error::Backend { op: got, key, .. } => {
+                    ferry_engine::Error::Backend { op: got, key, .. } => {
                         assert_eq!(*got, op, "{what}: {text}");
                         assert!(
                             !key.is_empty() && text.contains(key.as_str()),
@@ -148,12 +148,12 @@ impl Bench {
         let t = Instant::now();
         let r = tokio::time::timeout(BOUND, async {
             let repo = Arc::new(
-                ferry_mover::repo::Repository::open(faulty.clone(), PASSWORD, &no_cache()).await?,
+                ferry_engine::repo::Repository::open(faulty.clone(), PASSWORD, &no_cache()).await?,
             );
-            ferry_mover::backup::backup(
+            ferry_engine::backup::backup(
                 repo,
-                ferry_mover::backup::BackupOptions::new(src),
-                Arc::new(ferry_mover::progress::Progress::default()),
+                ferry_engine::backup::BackupOptions::new(src),
+                Arc::new(ferry_engine::progress::Progress::default()),
             )
             .await
         })
@@ -173,7 +173,7 @@ impl Bench {
         let t = Instant::now();
         let r = tokio::time::timeout(BOUND, async {
             let repo = Arc::new(
-                ferry_mover::repo::Repository::open(faulty.clone(), PASSWORD, &no_cache()).await?,
+                ferry_engine::repo::Repository::open(faulty.clone(), PASSWORD, &no_cache()).await?,
             );
             restore_latest(&repo, out.path()).await
         })
@@ -188,7 +188,7 @@ impl Bench {
         );
         self.proxy.clear();
         if restored {
-            ferry_mover::fsmeta::compare_trees(src, out.path()).unwrap();
+            ferry_engine::fsmeta::compare_trees(src, out.path()).unwrap();
         }
         self.check_clean(&clean, prefix).await;
 
@@ -199,7 +199,7 @@ impl Bench {
     }
 
     async fn check_clean(&self, clean: &Arc<dyn Backend>, prefix: &str) {
-        let report = ferry_mover::check::check(reopen(clean).await, true, Default::default())
+        let report = ferry_engine::check::check(reopen(clean).await, true, Default::default())
             .await
             .unwrap();
         assert!(report.ok(), "{prefix}: check: {:?}", report.errors);
@@ -468,7 +468,7 @@ async fn s3_fault_lost_answer_to_init() {
         b.proxy
             .set(vec![Rule::new(Some("PUT"), Some("/config"), 1, fault)]);
         let t = Instant::now();
-        let r = ferry_mover::repo::Repository::init(faulty.clone(), PASSWORD, FAST_KDF).await;
+        let r = ferry_engine::repo::Repository::init(faulty.clone(), PASSWORD, FAST_KDF).await;
         b.judge(&format!("{prefix}: init"), OK, t.elapsed(), r);
         b.proxy.clear();
         let repo = reopen(&faulty).await;
