@@ -21,6 +21,7 @@ use crate::cr::Direction;
 use crate::error::Result;
 use crate::objects;
 use crate::pod::{self, PodPlan, PodState};
+use crate::repo;
 
 /// Finalizer on Backups whose data Ferry moved.
 pub const BACKUP_FINALIZER: &str = "ferry.dev/backup-data";
@@ -143,7 +144,7 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
         .storage_location
         .clone()
         .unwrap_or_else(|| "default".into());
-    let repo = match objects::repo_target_in(ctx, &ns, &bsl, None).await? {
+    let repo = match repo::repo_target_in(ctx, &ns, &bsl, None).await? {
         Ok(r) => r,
         Err(m) => return release(ctx, b, &format!("failed: {m}")).await,
     };

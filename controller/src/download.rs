@@ -3,185 +3,36 @@
 
 use std::collections::BTreeMap;
 
-use ferry_proto::labels;
 use ferry_proto::result::RestoreResult;
 use ferry_proto::velero::{DataDownload, Phase};
 use k8s_openapi::api::core::v1::{
-    PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
+    PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use serde_json::json;
 
 use crate::context::Context;
 use crate::cr::MoverCr;
 use crate::error::Result;
-use crate::objects::{self, child_name, owner_labels};
-use crate::reconcile::{
-    Admission, Exposed, Flow, delete_pods_and_pvcs, parse_result, terminal, update,
+use crate::expose::rebind::{self, SELECTED_NODE};
+use crate::expose::{Exposed, bound_pv_nodes};
+use crate::flow::{
+    Admission, Flow, cleanup_overdue, delete_pods_and_pvcs, parse_result, terminal, update,
 };
-use crate::upload::{bound_pv_nodes, cleanup_overdue};
+use crate::objects::{self, child_name, owner_labels};
 
 /// Annotation on a DataDownload: the mover's result, kept while the volume is rebound (the pod is gone
 /// by then, so a restarted controller must not read its absence as a failure).
 pub const RESULT_ANNOTATION: &str = "ferry.dev/result";
-const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
-
-/// Download-only steps.
-trait Rebind {
-    async fn target_pvc(&self, ctx: &Context) -> Result<Option<PersistentVolumeClaim>>;
-    async fn rebind(&self, ctx: &Context) -> Result<Option<String>>;
-}
-
-impl Rebind for DataDownload {
-    async fn target_pvc(&self, ctx: &Context) -> Result<Option<PersistentVolumeClaim>> {
-        let t = &self.spec.target_volume;
-        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &t.namespace);
-        objects::get_opt(&pvcs, &t.pvc).await
-    }
-
-    /// Hands the restored PV to the target PVC, one idempotent step per call. `Ok(None)` when done.
-    async fn rebind(&self, ctx: &Context) -> Result<Option<String>> {
-        let ns = self.namespace().unwrap_or_default();
-        let name = child_name(self);
-        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-        let uid = self.uid().unwrap_or_default();
-        let sel = objects::owner_selector(self);
-        // 1. Mark the PV ours and Retain, so deleting the restore PVC keeps it.
-        let restore_pvc = objects::get_opt(&pvcs, &name).await?;
-        if let Some(pvc) = &restore_pvc
-            && let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone())
-        {
-            let pv = pvs.get(&pv_name).await?;
-            if pv.labels().get(labels::OWNER_UID) != Some(&uid) {
-                let policy = pv
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.persistent_volume_reclaim_policy.clone())
-                    .unwrap_or_else(|| "Delete".into());
-                pvs.patch(
-                    &pv_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({
-                        "metadata": {"labels": {labels::OWNER_UID: uid},
-                            "annotations": {labels::ORIGINAL_RECLAIM_POLICY: policy}},
-                        "spec": {"persistentVolumeReclaimPolicy": "Retain"},
-                    })),
-                )
-                .await?;
-            }
-        }
-        // 2. Pod and restore PVC go; wait until the PVC is gone.
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        objects::delete_selected(&pods, &sel).await?;
-        if restore_pvc.is_some() {
-            objects::delete_idempotent(&pvcs, &name, None).await?;
-            return Ok(Some("waiting for the restore PVC to be deleted".into()));
-        }
-        let list = pvs.list(&ListParams::default().labels(&sel)).await?;
-        let Some(pv) = list.items.into_iter().next() else {
-            return Err(crate::error::Error::Invalid(
-                "the restored PersistentVolume is gone".into(),
-            ));
-        };
-        let pv_name = pv.name_any();
-        let Some(target) = self.target_pvc(ctx).await? else {
-            return Err(crate::error::Error::Invalid(format!(
-                "target PVC {}/{} disappeared",
-                self.spec.target_volume.namespace, self.spec.target_volume.pvc
-            )));
-        };
-        let target_uid = target.uid().unwrap_or_default();
-        let claim_uid = pv
-            .spec
-            .as_ref()
-            .and_then(|s| s.claim_ref.as_ref())
-            .and_then(|c| c.uid.clone());
-        // 3. Point the PV at the target PVC, with the labels its selector wants.
-        if claim_uid.as_deref() != Some(target_uid.as_str()) {
-            let match_labels = target
-                .spec
-                .as_ref()
-                .and_then(|s| s.selector.as_ref())
-                .and_then(|s| s.match_labels.clone())
-                .unwrap_or_default();
-            let mut annotations = serde_json::Map::new();
-            annotations.insert(
-                "pv.kubernetes.io/bound-by-controller".into(),
-                serde_json::Value::Null,
-            );
-            pvs.patch(
-                &pv_name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({
-                    "metadata": {"labels": match_labels, "annotations": annotations},
-                    "spec": {"claimRef": {
-                        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                        "namespace": self.spec.target_volume.namespace,
-                        "name": self.spec.target_volume.pvc,
-                        "uid": target_uid,
-                        "resourceVersion": null,
-                    }},
-                })),
-            )
-            .await?;
-        }
-        // 4. Point the target PVC at the PV (allowed once, while its volumeName is empty).
-        let target_volume = target.spec.as_ref().and_then(|s| s.volume_name.clone());
-        match target_volume.as_deref() {
-            None | Some("") => {
-                let tp: Api<PersistentVolumeClaim> =
-                    Api::namespaced(ctx.client.clone(), &self.spec.target_volume.namespace);
-                tp.patch(
-                    &self.spec.target_volume.pvc,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"volumeName": pv_name}})),
-                )
-                .await?;
-            }
-            Some(v) if v == pv_name => {}
-            Some(v) => {
-                return Err(crate::error::Error::Invalid(format!(
-                    "target PVC is bound to another volume {v}"
-                )));
-            }
-        }
-        // 5. Wait until bound, then restore the reclaim policy and drop our marks.
-        let pv = pvs.get(&pv_name).await?;
-        let phase = pv.status.as_ref().and_then(|s| s.phase.clone());
-        if phase.as_deref() != Some("Bound") {
-            return Ok(Some(format!(
-                "waiting for PV {pv_name} to bind to the target PVC"
-            )));
-        }
-        let policy = pv
-            .annotations()
-            .get(labels::ORIGINAL_RECLAIM_POLICY)
-            .cloned()
-            .unwrap_or_else(|| "Delete".into());
-        pvs.patch(
-            &pv_name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({
-                "metadata": {"labels": {labels::OWNER_UID: null},
-                    "annotations": {labels::ORIGINAL_RECLAIM_POLICY: null}},
-                "spec": {"persistentVolumeReclaimPolicy": policy},
-            })),
-        )
-        .await?;
-        Ok(None)
-    }
-}
 
 impl Flow for DataDownload {
     async fn admissible(&self, ctx: &Context) -> Result<Admission> {
         let t = &self.spec.target_volume;
         let limit = self.operation_timeout().as_secs();
-        match self.target_pvc(ctx).await? {
+        match rebind::target_pvc(self, ctx).await? {
             None => {
                 let age = self
                     .creation_timestamp()
@@ -216,7 +67,7 @@ impl Flow for DataDownload {
         let ns = self.namespace().unwrap_or_default();
         let name = child_name(self);
         let t = &self.spec.target_volume;
-        let Some(target) = self.target_pvc(ctx).await? else {
+        let Some(target) = rebind::target_pvc(self, ctx).await? else {
             return Ok(Exposed::Failed(format!(
                 "target PVC {}/{} disappeared",
                 t.namespace, t.pvc
@@ -294,7 +145,7 @@ impl Flow for DataDownload {
             .await?;
             return Ok(Action::requeue(std::time::Duration::from_millis(50)));
         }
-        match self.rebind(ctx).await {
+        match rebind::rebind(self, ctx).await {
             Ok(Some(waiting)) => {
                 tracing::debug!(name = %self.name_any(), waiting, "rebinding");
                 Ok(Action::requeue(std::time::Duration::from_millis(500)))
@@ -329,6 +180,10 @@ impl Flow for DataDownload {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn stored_result(&self) -> Option<String> {
+        self.annotations().get(RESULT_ANNOTATION).cloned()
     }
 
     async fn cleanup(&self, ctx: &Context) -> Result<bool> {

@@ -16,14 +16,21 @@ pub mod cr;
 pub mod deletion;
 pub mod download;
 pub mod error;
+pub mod expose;
+pub mod flow;
 pub mod leader;
 pub mod metrics;
 pub mod objects;
+pub mod phases;
+pub mod placement;
 pub mod pod;
 pub mod reconcile;
+pub mod repo;
 pub mod upload;
 pub mod validate;
 
+#[cfg(test)]
+mod layers;
 #[cfg(test)]
 mod survival;
 #[cfg(test)]

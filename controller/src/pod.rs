@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 
 use crate::config::{Config, Mover};
 use crate::cr::Direction;
+use crate::repo::{CaSource, RepoTarget};
 
 /// The capabilities of a mover container, after dropping ALL; each is allowed by the Pod Security
 /// "baseline" level:
@@ -32,36 +33,6 @@ pub const MOVER_CAPABILITIES: [&str; 6] = [
     "MKNOD",
     "SETFCAP",
 ];
-/// Where the repository is and how to reach it, from a BackupStorageLocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepoTarget {
-    /// `s3://bucket/prefix/plugins/ferry/<source-namespace>`.
-    pub url: String,
-    /// Custom endpoint (`s3Url`).
-    pub endpoint: Option<String>,
-    /// Region.
-    pub region: Option<String>,
-    /// Path-style addressing.
-    pub path_style: bool,
-    /// AWS profile in the credentials file.
-    pub profile: Option<String>,
-    /// Credentials Secret name and key (AWS shared-credentials format).
-    pub credentials: Option<(String, String)>,
-    /// Extra CA certificates for the endpoint (`caCert` / `caCertRef`).
-    pub ca: Option<CaSource>,
-    /// Skip server certificate verification (`insecureSkipTLSVerify`).
-    pub insecure_skip_tls_verify: bool,
-}
-
-/// Where the CA bundle of a BackupStorageLocation comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaSource {
-    /// Inline PEM (the BSL's `caCert`, decoded).
-    Pem(String),
-    /// A Secret name and key holding PEM (the BSL's `caCertRef`).
-    Secret(String, String),
-}
-
 /// Everything that goes into one mover pod.
 #[derive(Debug, Clone)]
 pub struct PodPlan {

@@ -75,14 +75,14 @@ fn failed_with(seen: &[Seen], needles: &[&str]) {
 }
 
 /// One reconcile of `cr` against the fake API answering with `route`; the requests it made.
-async fn run<K: crate::reconcile::Flow>(
+async fn run<K: crate::flow::Flow>(
     cr: K,
     route: impl Fn(&Seen) -> http::Response<kube::client::Body> + Send + 'static,
 ) -> Vec<Seen> {
     run_with(crate::config::Config::default(), cr, route).await
 }
 
-async fn run_with<K: crate::reconcile::Flow>(
+async fn run_with<K: crate::flow::Flow>(
     config: crate::config::Config,
     cr: K,
     route: impl Fn(&Seen) -> http::Response<kube::client::Body> + Send + 'static,
@@ -409,12 +409,10 @@ async fn progress_is_stamped_and_a_recent_stamp_keeps_the_cr_running() {
         .unwrap_or_else(|| panic!("progress not recorded: {seen:#?}"));
     assert_eq!(put.body["status"]["progress"]["bytesDone"], 40);
     assert_eq!(put.body["status"]["phase"], "InProgress");
-    assert!(
-        put.body["metadata"]["annotations"][crate::reconcile::PROGRESS_AT_ANNOTATION].is_string()
-    );
+    assert!(put.body["metadata"]["annotations"][crate::flow::PROGRESS_AT_ANNOTATION].is_string());
     // No new progress, but the last was seen 5 minutes ago: still running.
     let cr = du(in_progress, |v| {
-        v["metadata"]["annotations"] = json!({crate::reconcile::PROGRESS_AT_ANNOTATION: ago(5)});
+        v["metadata"]["annotations"] = json!({crate::flow::PROGRESS_AT_ANNOTATION: ago(5)});
     });
     let seen = run(cr, route(json!([]))).await;
     assert!(last_status(&seen).is_none(), "{seen:#?}");
