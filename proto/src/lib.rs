@@ -12,4 +12,5 @@ pub mod labels;
 pub mod pod;
 pub mod report;
 pub mod result;
+pub mod snapshot;
 pub mod velero;
