@@ -16,12 +16,14 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use crate::clock;
 use crate::context::Context;
 use crate::cr::Direction;
 use crate::error::Result;
 use crate::objects;
 use crate::pod::{self, PodPlan, PodState};
 use crate::repo;
+use crate::step::Step;
 
 /// Finalizer on Backups whose data Ferry moved.
 pub const BACKUP_FINALIZER: &str = "ferry.dev/backup-data";
@@ -66,12 +68,8 @@ async fn release(ctx: &Context, b: &Backup, outcome: &str) -> Result<Action> {
 
 /// Whether a maintenance pod has been pending for longer than the prepare timeout.
 fn pending_too_long(ctx: &Context, p: &Pod) -> bool {
-    p.creation_timestamp().is_some_and(|t| {
-        let secs = k8s_openapi::jiff::Timestamp::now()
-            .duration_since(t.0)
-            .as_secs();
-        secs > ctx.config.prepare_timeout().as_secs() as i64
-    })
+    p.creation_timestamp()
+        .is_some_and(|t| clock::since(t.0).as_secs() > ctx.config.prepare_timeout().as_secs())
 }
 
 /// Reconciles one Backup.
@@ -145,8 +143,10 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
         .clone()
         .unwrap_or_else(|| "default".into());
     let repo = match repo::repo_target_in(ctx, &ns, &bsl, None).await? {
-        Ok(r) => r,
-        Err(m) => return release(ctx, b, &format!("failed: {m}")).await,
+        Step::Done(r) => r,
+        Step::Fail(m) | Step::Wait { reason: m, .. } => {
+            return release(ctx, b, &format!("failed: {m}")).await;
+        }
     };
     let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
         return release(ctx, b, "skipped: mover no longer configured").await;

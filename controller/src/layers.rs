@@ -22,6 +22,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Macros exported at the crate root, and the module defining each.
+const MACROS: &[(&str, &str)] = &[("proceed", "step")];
+
 /// Test-only modules, outside the layers.
 const TEST_ONLY: &[&str] = &["testing", "survival", "layers"];
 
@@ -52,6 +55,11 @@ fn imports(code: &str) -> Vec<String> {
         }
     }
     out.retain(|m| !m.is_empty() && m.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+    for m in &mut out {
+        if let Some((_, module)) = MACROS.iter().find(|(mac, _)| mac == m) {
+            *m = module.to_string();
+        }
+    }
     out
 }
 

@@ -10,6 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 
+use crate::clock;
 use crate::context::FIELD_MANAGER;
 use crate::error::Result;
 
@@ -40,7 +41,7 @@ impl Election {
             return true;
         };
         let dur = spec.lease_duration_seconds.unwrap_or(15) as i64;
-        Timestamp::now().duration_since(renew.0).as_secs() > dur
+        clock::since(renew.0).as_secs() as i64 > dur
     }
 
     /// One attempt to take or renew the lease; true if we hold it afterwards.

@@ -10,6 +10,7 @@
 //! * [`validate`]: user-written fields checked before acting; [`backoff`]: requeue delays after errors.
 
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod cr;
@@ -26,6 +27,7 @@ pub mod placement;
 pub mod pod;
 pub mod reconcile;
 pub mod repo;
+pub mod step;
 pub mod upload;
 pub mod validate;
 

@@ -19,11 +19,12 @@ use ferry_proto::velero::Phase;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 
+use crate::clock;
 use crate::context::Context;
 use crate::cr::MoverCr;
 use crate::error::{Error, Result};
-use crate::flow::{Flow, age, fail};
-use crate::phases::{accept, cancel, finish, prepare, prepare_timed_out, start, watch};
+use crate::flow::{Flow, fail, prepare_timed_out};
+use crate::phases::{accept, cancel, finish, prepare, start, watch};
 
 /// Reconciles one CR.
 pub async fn reconcile<K: Flow>(cr: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
@@ -80,7 +81,7 @@ pub fn after_error<K: MoverCr>(cr: &K, ctx: &Context, e: &Error) -> AfterError {
     if e.is_permanent() {
         return AfterError::Fail(format!("{doing} failed: {}", e.describe()));
     }
-    let waited = age(cr.accepted_timestamp()).unwrap_or_default();
+    let waited = clock::since_text(cr.accepted_timestamp()).unwrap_or_default();
     if cr.phase() == Phase::Accepted && !e.is_conflict() && waited >= ctx.config.prepare_timeout() {
         return AfterError::Fail(prepare_timed_out(ctx, &e.describe()));
     }
@@ -91,7 +92,7 @@ pub fn after_error<K: MoverCr>(cr: &K, ctx: &Context, e: &Error) -> AfterError {
 mod tests {
     //! The phase machine against kube's mock service: every request the controller makes is checked.
     use super::*;
-    use crate::flow::now;
+    use crate::clock::now;
     use crate::testing::{ctx, empty_list, failure, ok};
     use ferry_proto::velero::DataUpload;
     use serde_json::json;

@@ -6,6 +6,8 @@
 pub mod rebind;
 pub mod snapshot;
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
@@ -13,25 +15,30 @@ use kube::api::Api;
 use crate::context::Context;
 use crate::error::Result;
 use crate::objects;
+use crate::step::Step;
 
-/// What expose found.
-#[derive(Debug)]
-pub enum Exposed {
-    /// Not ready; the reason goes to `status.message` while waiting.
-    Waiting(String),
-    /// Ready: mount this PVC (block or filesystem), on one of `nodes` (any when empty).
-    Ready {
-        /// PVC to mount.
-        pvc: String,
-        /// Block mode.
-        block: bool,
-        /// Allowed nodes.
-        nodes: Vec<String>,
-        /// Mover arguments after `pod backup|restore` (the pod adds `--block` itself).
-        args: Vec<String>,
-    },
-    /// Cannot work; fail with this message.
-    Failed(String),
+/// How soon to look again while a volume is being exposed or handed over.
+pub const EXPOSE_REQUEUE: Duration = Duration::from_millis(500);
+
+/// A volume ready for the mover pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exposure {
+    /// PVC to mount.
+    pub pvc: String,
+    /// Block mode.
+    pub block: bool,
+    /// Nodes the pod may run on (any when empty).
+    pub nodes: Vec<String>,
+}
+
+/// Whether `class` binds its volumes when the first pod uses them (WaitForFirstConsumer).
+async fn waits_for_first_consumer(ctx: &Context, class: &str) -> Result<bool> {
+    let scs: Api<StorageClass> = Api::all(ctx.client.clone());
+    Ok(objects::get_opt(&scs, class)
+        .await?
+        .and_then(|s| s.volume_binding_mode)
+        .as_deref()
+        == Some("WaitForFirstConsumer"))
 }
 
 /// For an Immediate-binding class: wait until the PVC is bound and return the nodes its PV is pinned to.
@@ -41,28 +48,31 @@ pub async fn bound_pv_nodes(
     pvcs: &Api<PersistentVolumeClaim>,
     name: &str,
     class: &str,
-) -> Result<std::result::Result<Vec<String>, String>> {
-    let scs: Api<StorageClass> = Api::all(ctx.client.clone());
-    let wffc = objects::get_opt(&scs, class)
-        .await?
-        .and_then(|s| s.volume_binding_mode)
-        .as_deref()
-        == Some("WaitForFirstConsumer");
-    if wffc {
-        return Ok(Ok(Vec::new()));
+) -> Result<Step<Vec<String>>> {
+    if waits_for_first_consumer(ctx, class).await? {
+        return Ok(Step::Done(Vec::new()));
     }
     let Some(pvc) = objects::get_opt(pvcs, name).await? else {
-        return Ok(Err(format!("PVC {name} not created yet")));
+        return Ok(Step::wait(
+            format!("PVC {name} not created yet"),
+            EXPOSE_REQUEUE,
+        ));
     };
     let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
-        return Ok(Err(format!("PVC {name} is not bound yet")));
+        return Ok(Step::wait(
+            format!("PVC {name} is not bound yet"),
+            EXPOSE_REQUEUE,
+        ));
     };
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pv = objects::get_opt(&pvs, &pv_name).await?;
-    Ok(Ok(pv.as_ref().and_then(pv_nodes).unwrap_or_default()))
+    Ok(Step::Done(
+        pv.as_ref().and_then(pv_nodes).unwrap_or_default(),
+    ))
 }
+
 /// The hostnames a PV's node affinity pins it to, if any (node-local storage).
-pub fn pv_nodes(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Option<Vec<String>> {
+pub fn pv_nodes(pv: &PersistentVolume) -> Option<Vec<String>> {
     let terms = &pv
         .spec
         .as_ref()?

@@ -1,20 +1,34 @@
-//! Restore exposer: the target PVC Velero restores into, a PVC of our own the mover writes to, and the
-//! hand-over of its PersistentVolume to the target PVC as Velero expects (claimRef, selector labels,
-//! reclaim policy).
+//! Restore exposer: wait for the target PVC Velero restores into, restore into a PVC of our own (honouring
+//! WaitForFirstConsumer), then hand its PersistentVolume to the target PVC as Velero expects (claimRef,
+//! selector labels, reclaim policy).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use ferry_proto::labels;
 use ferry_proto::velero::DataDownload;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
+use super::{EXPOSE_REQUEUE, Exposure, bound_pv_nodes, waits_for_first_consumer};
+use crate::clock;
 use crate::context::Context;
+use crate::cr::MoverCr;
 use crate::error::Result;
-use crate::objects::{self, child_name};
+use crate::objects::{self, child_name, owner_labels};
+use crate::proceed;
+use crate::step::Step;
 
 /// Annotation the scheduler puts on a WaitForFirstConsumer PVC: the node its first consumer went to.
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+
+/// How soon to look again for a target PVC that is not there yet.
+const ADMIT_REQUEUE: Duration = Duration::from_secs(2);
 
 /// The target PVC, if it exists.
 pub async fn target_pvc(dd: &DataDownload, ctx: &Context) -> Result<Option<PersistentVolumeClaim>> {
@@ -23,19 +37,139 @@ pub async fn target_pvc(dd: &DataDownload, ctx: &Context) -> Result<Option<Persi
     objects::get_opt(&pvcs, &t.pvc).await
 }
 
-/// Hands the restored PV to the target PVC, one idempotent step per call. `Ok(None)` when done.
-pub async fn rebind(dd: &DataDownload, ctx: &Context) -> Result<Option<String>> {
-    let ns = dd.namespace().unwrap_or_default();
+/// Whether the restore can start: the target PVC exists (waited for up to the operation timeout since the
+/// CR was created) and is not bound yet.
+pub async fn admissible(dd: &DataDownload, ctx: &Context) -> Result<Step> {
+    let t = &dd.spec.target_volume;
+    let limit = dd.operation_timeout().as_secs();
+    let Some(target) = target_pvc(dd, ctx).await? else {
+        let age = dd
+            .creation_timestamp()
+            .map(|c| clock::since(c.0))
+            .unwrap_or_default();
+        if age.as_secs() > limit {
+            return Ok(Step::fail(format!(
+                "target PVC {}/{} did not appear within {limit}s",
+                t.namespace, t.pvc
+            )));
+        }
+        return Ok(Step::wait(
+            format!(
+                "waiting for the target PVC {}/{} to be created (fails after {limit}s, spec.operationTimeout)",
+                t.namespace, t.pvc
+            ),
+            ADMIT_REQUEUE,
+        ));
+    };
+    match target.spec.and_then(|s| s.volume_name) {
+        Some(v) if !v.is_empty() => Ok(Step::fail(format!(
+            "target PVC {}/{} is already bound to {v}",
+            t.namespace, t.pvc
+        ))),
+        _ => Ok(Step::Done(())),
+    }
+}
+
+/// Creates the restore PVC, shaped as the target PVC and on the node its first consumer went to.
+pub async fn expose(dd: &DataDownload, ctx: &Context) -> Result<Step<Exposure>> {
+    let t = &dd.spec.target_volume;
+    let Some(target) = target_pvc(dd, ctx).await? else {
+        return Ok(Step::fail(format!(
+            "target PVC {}/{} disappeared",
+            t.namespace, t.pvc
+        )));
+    };
+    let tspec = target.spec.clone().unwrap_or_default();
+    let class = tspec.storage_class_name.clone().unwrap_or_default();
+    let selected = target.annotations().get(SELECTED_NODE).cloned();
+    if selected.is_none() && waits_for_first_consumer(ctx, &class).await? {
+        return Ok(Step::wait(
+            format!(
+                "waiting for a workload using {}/{} to be scheduled (WaitForFirstConsumer)",
+                t.namespace, t.pvc
+            ),
+            EXPOSE_REQUEUE,
+        ));
+    }
     let name = child_name(dd);
+    let pvcs: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &dd.namespace().unwrap_or_default());
+    objects::create_idempotent(&pvcs, &restore_pvc(dd, &tspec, selected.as_deref())).await?;
+    let nodes = match selected {
+        Some(n) => vec![n],
+        None => proceed!(bound_pv_nodes(ctx, &pvcs, &name, &class).await?),
+    };
+    Ok(Step::Done(Exposure {
+        pvc: name,
+        block: tspec.volume_mode.as_deref() == Some("Block"),
+        nodes,
+    }))
+}
+
+/// Our restore PVC: the target's class, size, access and volume modes, on `selected` node if any.
+fn restore_pvc(
+    dd: &DataDownload,
+    target: &PersistentVolumeClaimSpec,
+    selected: Option<&str>,
+) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(child_name(dd)),
+            namespace: dd.namespace(),
+            labels: Some(owner_labels(dd)),
+            annotations: selected
+                .map(|n| BTreeMap::from([(SELECTED_NODE.to_string(), n.to_string())])),
+            owner_references: Some(vec![objects::owner_ref(dd)]),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: target.access_modes.clone(),
+            storage_class_name: target.storage_class_name.clone(),
+            volume_mode: target.volume_mode.clone(),
+            resources: target.resources.clone(),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Hands the restored PV to the target PVC, one idempotent step per call: Done once it is bound there.
+pub async fn rebind(dd: &DataDownload, ctx: &Context) -> Result<Step> {
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let uid = dd.uid().unwrap_or_default();
+    proceed!(release_restore_pvc(dd, ctx, &pvs).await?);
     let sel = objects::owner_selector(dd);
-    // 1. Mark the PV ours and Retain, so deleting the restore PVC keeps it.
+    let list = pvs.list(&ListParams::default().labels(&sel)).await?;
+    let Some(pv) = list.items.into_iter().next() else {
+        return Ok(Step::fail("the restored PersistentVolume is gone"));
+    };
+    let Some(target) = target_pvc(dd, ctx).await? else {
+        let t = &dd.spec.target_volume;
+        return Ok(Step::fail(format!(
+            "target PVC {}/{} disappeared",
+            t.namespace, t.pvc
+        )));
+    };
+    point_volume_at(dd, &pvs, &pv, &target).await?;
+    proceed!(point_claim_at(dd, ctx, &target, &pv.name_any()).await?);
+    settle_binding(&pvs, &pv.name_any()).await
+}
+
+/// Steps 1 and 2: marks the restored PV ours and Retain (so deleting the restore PVC keeps it), then
+/// deletes the mover pod and the restore PVC. Done once the PVC is gone.
+async fn release_restore_pvc(
+    dd: &DataDownload,
+    ctx: &Context,
+    pvs: &Api<PersistentVolume>,
+) -> Result<Step> {
+    let name = child_name(dd);
+    let pvcs: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &dd.namespace().unwrap_or_default());
     let restore_pvc = objects::get_opt(&pvcs, &name).await?;
-    if let Some(pvc) = &restore_pvc
-        && let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone())
-    {
+    let bound = restore_pvc
+        .as_ref()
+        .and_then(|p| p.spec.as_ref()?.volume_name.clone());
+    if let Some(pv_name) = bound {
+        let uid = dd.uid().unwrap_or_default();
         let pv = pvs.get(&pv_name).await?;
         if pv.labels().get(labels::OWNER_UID) != Some(&uid) {
             let policy = pv
@@ -43,115 +177,123 @@ pub async fn rebind(dd: &DataDownload, ctx: &Context) -> Result<Option<String>> 
                 .as_ref()
                 .and_then(|s| s.persistent_volume_reclaim_policy.clone())
                 .unwrap_or_else(|| "Delete".into());
-            pvs.patch(
-                &pv_name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({
-                    "metadata": {"labels": {labels::OWNER_UID: uid},
-                        "annotations": {labels::ORIGINAL_RECLAIM_POLICY: policy}},
-                    "spec": {"persistentVolumeReclaimPolicy": "Retain"},
-                })),
-            )
-            .await?;
+            let mark = json!({
+                "metadata": {"labels": {labels::OWNER_UID: uid},
+                    "annotations": {labels::ORIGINAL_RECLAIM_POLICY: policy}},
+                "spec": {"persistentVolumeReclaimPolicy": "Retain"},
+            });
+            pvs.patch(&pv_name, &PatchParams::default(), &Patch::Merge(mark))
+                .await?;
         }
     }
-    // 2. Pod and restore PVC go; wait until the PVC is gone.
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    objects::delete_selected(&pods, &sel).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &dd.namespace().unwrap_or_default());
+    objects::delete_selected(&pods, &objects::owner_selector(dd)).await?;
     if restore_pvc.is_some() {
         objects::delete_idempotent(&pvcs, &name, None).await?;
-        return Ok(Some("waiting for the restore PVC to be deleted".into()));
-    }
-    let list = pvs.list(&ListParams::default().labels(&sel)).await?;
-    let Some(pv) = list.items.into_iter().next() else {
-        return Err(crate::error::Error::Invalid(
-            "the restored PersistentVolume is gone".into(),
+        return Ok(Step::wait(
+            "waiting for the restore PVC to be deleted",
+            EXPOSE_REQUEUE,
         ));
-    };
-    let pv_name = pv.name_any();
-    let Some(target) = target_pvc(dd, ctx).await? else {
-        return Err(crate::error::Error::Invalid(format!(
-            "target PVC {}/{} disappeared",
-            dd.spec.target_volume.namespace, dd.spec.target_volume.pvc
-        )));
-    };
+    }
+    Ok(Step::Done(()))
+}
+
+/// Step 3: points the PV at the target PVC, with the labels its selector wants.
+async fn point_volume_at(
+    dd: &DataDownload,
+    pvs: &Api<PersistentVolume>,
+    pv: &PersistentVolume,
+    target: &PersistentVolumeClaim,
+) -> Result<()> {
     let target_uid = target.uid().unwrap_or_default();
     let claim_uid = pv
         .spec
         .as_ref()
         .and_then(|s| s.claim_ref.as_ref())
         .and_then(|c| c.uid.clone());
-    // 3. Point the PV at the target PVC, with the labels its selector wants.
-    if claim_uid.as_deref() != Some(target_uid.as_str()) {
-        let match_labels = target
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.as_ref())
-            .and_then(|s| s.match_labels.clone())
-            .unwrap_or_default();
-        let mut annotations = serde_json::Map::new();
-        annotations.insert(
-            "pv.kubernetes.io/bound-by-controller".into(),
-            serde_json::Value::Null,
-        );
-        pvs.patch(
-            &pv_name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({
-                "metadata": {"labels": match_labels, "annotations": annotations},
-                "spec": {"claimRef": {
-                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "namespace": dd.spec.target_volume.namespace,
-                    "name": dd.spec.target_volume.pvc,
-                    "uid": target_uid,
-                    "resourceVersion": null,
-                }},
-            })),
-        )
-        .await?;
+    if claim_uid.as_deref() == Some(target_uid.as_str()) {
+        return Ok(());
     }
-    // 4. Point the target PVC at the PV (allowed once, while its volumeName is empty).
+    let match_labels = target
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    let t = &dd.spec.target_volume;
+    let claim = json!({
+        "metadata": {"labels": match_labels,
+            "annotations": {"pv.kubernetes.io/bound-by-controller": null}},
+        "spec": {"claimRef": {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "namespace": t.namespace, "name": t.pvc, "uid": target_uid,
+            "resourceVersion": null,
+        }},
+    });
+    pvs.patch(
+        &pv.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(claim),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Step 4: points the target PVC at the PV (allowed once, while its volumeName is empty).
+async fn point_claim_at(
+    dd: &DataDownload,
+    ctx: &Context,
+    target: &PersistentVolumeClaim,
+    pv_name: &str,
+) -> Result<Step> {
     let target_volume = target.spec.as_ref().and_then(|s| s.volume_name.clone());
     match target_volume.as_deref() {
         None | Some("") => {
-            let tp: Api<PersistentVolumeClaim> =
-                Api::namespaced(ctx.client.clone(), &dd.spec.target_volume.namespace);
+            let t = &dd.spec.target_volume;
+            let tp: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &t.namespace);
             tp.patch(
-                &dd.spec.target_volume.pvc,
+                &t.pvc,
                 &PatchParams::default(),
                 &Patch::Merge(json!({"spec": {"volumeName": pv_name}})),
             )
             .await?;
+            Ok(Step::Done(()))
         }
-        Some(v) if v == pv_name => {}
-        Some(v) => {
-            return Err(crate::error::Error::Invalid(format!(
-                "target PVC is bound to another volume {v}"
-            )));
-        }
+        Some(v) if v == pv_name => Ok(Step::Done(())),
+        Some(v) => Ok(Step::fail(format!(
+            "target PVC is bound to another volume {v}"
+        ))),
     }
-    // 5. Wait until bound, then restore the reclaim policy and drop our marks.
-    let pv = pvs.get(&pv_name).await?;
+}
+
+/// Step 5: waits until the PV is Bound, then restores its reclaim policy and drops our marks.
+async fn settle_binding(pvs: &Api<PersistentVolume>, pv_name: &str) -> Result<Step> {
+    let pv = pvs.get(pv_name).await?;
     let phase = pv.status.as_ref().and_then(|s| s.phase.clone());
     if phase.as_deref() != Some("Bound") {
-        return Ok(Some(format!(
-            "waiting for PV {pv_name} to bind to the target PVC"
-        )));
+        return Ok(Step::wait(
+            format!("waiting for PV {pv_name} to bind to the target PVC"),
+            EXPOSE_REQUEUE,
+        ));
     }
     let policy = pv
         .annotations()
         .get(labels::ORIGINAL_RECLAIM_POLICY)
         .cloned()
         .unwrap_or_else(|| "Delete".into());
-    pvs.patch(
-        &pv_name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({
-            "metadata": {"labels": {labels::OWNER_UID: null},
-                "annotations": {labels::ORIGINAL_RECLAIM_POLICY: null}},
-            "spec": {"persistentVolumeReclaimPolicy": policy},
-        })),
-    )
-    .await?;
-    Ok(None)
+    let unmark = json!({
+        "metadata": {"labels": {labels::OWNER_UID: null},
+            "annotations": {labels::ORIGINAL_RECLAIM_POLICY: null}},
+        "spec": {"persistentVolumeReclaimPolicy": policy},
+    });
+    pvs.patch(pv_name, &PatchParams::default(), &Patch::Merge(unmark))
+        .await?;
+    Ok(Step::Done(()))
+}
+
+/// Deletes a PV still marked ours: it was never handed over and holds nothing anyone claims. Returns how
+/// many were still there.
+pub async fn cleanup(dd: &DataDownload, ctx: &Context) -> Result<usize> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    objects::delete_selected(&pvs, &objects::owner_selector(dd)).await
 }

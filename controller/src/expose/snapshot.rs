@@ -1,38 +1,36 @@
 //! Backup exposer: take over the CSI snapshot Velero hands over (a retained clone of its VolumeSnapshot and
-//! content in the CR's namespace) and expose it as a PVC.
+//! content in the CR's namespace), expose the clone as a PVC, and delete both when the CR is done.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
 
+use ferry_proto::snapshot::{
+    VolumeSnapshot, VolumeSnapshotContent, VolumeSnapshotContentSource, VolumeSnapshotContentSpec,
+    VolumeSnapshotRef, VolumeSnapshotSource, VolumeSnapshotSpec,
+};
 use ferry_proto::velero::DataUpload;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, TypedLocalObjectReference,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use super::{EXPOSE_REQUEUE, Exposure, bound_pv_nodes};
+use crate::clock;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::cr::MoverCr;
 use crate::error::{Result, is_conflict, is_not_found};
 use crate::objects::{self, child_name, owner_labels};
+use crate::proceed;
+use crate::step::Step;
 
-/// `snapshot.storage.k8s.io/v1` resources.
-pub fn snapshot_resource(kind: &str) -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "snapshot.storage.k8s.io",
-        "v1",
-        kind,
-    ))
-}
-
-/// VolumeSnapshots in `ns`.
-pub fn vs_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), ns, &snapshot_resource("VolumeSnapshot"))
-}
-
-/// VolumeSnapshotContents.
-pub fn vsc_api(client: &Client) -> Api<DynamicObject> {
-    Api::all_with(client.clone(), &snapshot_resource("VolumeSnapshotContent"))
-}
+/// Annotation on our VolumeSnapshot: the source PVC's volume mode.
+pub const VOLUME_MODE: &str = "ferry.dev/volume-mode";
+/// Annotation on our VolumeSnapshot: the source PVC's size.
+pub const SOURCE_SIZE: &str = "ferry.dev/source-size";
 
 /// The external-provisioner's finalizer on a VolumeSnapshot that a PVC is being provisioned from. The
 /// provisioner removes it once, on success, and gives up if that write conflicts with another one
@@ -40,9 +38,276 @@ pub fn vsc_api(client: &Client) -> Api<DynamicObject> {
 pub const PROVISIONER_SOURCE_FINALIZER: &str =
     "provisioner.storage.kubernetes.io/volumesnapshot-as-source-protection";
 
+fn vsc_name(du: &DataUpload) -> String {
+    format!("ferry-{}", du.uid().unwrap_or_default())
+}
+
+/// The source VolumeSnapshot Velero made, in the source namespace.
+fn source_snapshot(du: &DataUpload) -> String {
+    du.spec
+        .csi_snapshot
+        .as_ref()
+        .map(|c| c.volume_snapshot.clone())
+        .unwrap_or_default()
+}
+
+/// Exposes the DataUpload's snapshot as a PVC: takes the snapshot over on the first call, then creates the
+/// PVC from our clone once it is ready.
+pub async fn expose(du: &DataUpload, ctx: &Context) -> Result<Step<Exposure>> {
+    let ns = du.namespace().unwrap_or_default();
+    let name = child_name(du);
+    let vss: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(vs) = objects::get_opt(&vss, &name).await? else {
+        proceed!(take_over(du, ctx).await?);
+        return Ok(Step::wait("snapshot taken over", EXPOSE_REQUEUE));
+    };
+    if !vs.ready() {
+        return Ok(Step::wait(
+            format!("cloned VolumeSnapshot {ns}/{name} not ready yet"),
+            EXPOSE_REQUEUE,
+        ));
+    }
+    let block = vs.annotations().get(VOLUME_MODE).map(String::as_str) == Some("Block");
+    let class = du
+        .spec
+        .csi_snapshot
+        .as_ref()
+        .map(|c| c.storage_class.clone())
+        .unwrap_or_default();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    objects::create_idempotent(&pvcs, &clone_pvc(du, &vs, &class, block)).await?;
+    let nodes = proceed!(bound_pv_nodes(ctx, &pvcs, &name, &class).await?);
+    Ok(Step::Done(Exposure {
+        pvc: name,
+        block,
+        nodes,
+    }))
+}
+
+/// The PVC provisioned from our cloned snapshot `vs`, as large as the snapshot restores to.
+fn clone_pvc(
+    du: &DataUpload,
+    vs: &VolumeSnapshot,
+    class: &str,
+    block: bool,
+) -> PersistentVolumeClaim {
+    let size = vs
+        .status
+        .as_ref()
+        .and_then(|s| s.restore_size.clone())
+        .or_else(|| {
+            vs.annotations()
+                .get(SOURCE_SIZE)
+                .cloned()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "1Gi".into());
+    let name = child_name(du);
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: du.namespace(),
+            labels: Some(owner_labels(du)),
+            owner_references: Some(vec![objects::owner_ref(du)]),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: Some(class.to_string()),
+            volume_mode: Some(if block { "Block" } else { "Filesystem" }.into()),
+            data_source: Some(TypedLocalObjectReference {
+                api_group: Some("snapshot.storage.k8s.io".into()),
+                kind: "VolumeSnapshot".into(),
+                name,
+            }),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(size))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The source snapshot once it is ready: its content's name. Waits for it within the operation timeout.
+async fn ready_source(du: &DataUpload, ctx: &Context) -> Result<Step<String>> {
+    let src_ns = &du.spec.source_namespace;
+    let src_name = source_snapshot(du);
+    let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), src_ns);
+    let Some(src) = objects::get_opt(&api, &src_name).await? else {
+        return Ok(Step::fail(format!(
+            "VolumeSnapshot {src_ns}/{src_name} not found"
+        )));
+    };
+    let status = src.status.clone().unwrap_or_default();
+    let bound = status
+        .bound_volume_snapshot_content_name
+        .unwrap_or_default();
+    if src.ready() && !bound.is_empty() {
+        return Ok(Step::Done(bound));
+    }
+    let err = status
+        .error
+        .and_then(|e| e.message)
+        .unwrap_or_else(|| "not ready yet".into());
+    let waited = clock::since_text(du.accepted_timestamp()).unwrap_or_default();
+    if waited > du.operation_timeout() {
+        return Ok(Step::fail(format!(
+            "VolumeSnapshot {src_ns}/{src_name} not ready after {}s: {err}",
+            waited.as_secs()
+        )));
+    }
+    Ok(Step::wait(
+        format!("VolumeSnapshot {src_ns}/{src_name} {err}"),
+        EXPOSE_REQUEUE,
+    ))
+}
+
+/// Clones the source VolumeSnapshot/Content into ours (idempotent), then releases the source.
+pub async fn take_over(du: &DataUpload, ctx: &Context) -> Result<Step> {
+    let bound = proceed!(ready_source(du, ctx).await?);
+    let vscs: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
+    let Some(src_vsc) = objects::get_opt(&vscs, &bound).await? else {
+        return Ok(Step::fail(format!(
+            "VolumeSnapshotContent {bound} not found"
+        )));
+    };
+    let Some(handle) = src_vsc
+        .status
+        .as_ref()
+        .and_then(|s| s.snapshot_handle.clone())
+    else {
+        return Ok(Step::fail(format!(
+            "VolumeSnapshotContent {bound} has no snapshot handle"
+        )));
+    };
+    let (mode, size) = source_volume(du, ctx, &src_vsc).await?;
+    let class = src_vsc.spec.volume_snapshot_class_name.clone();
+    objects::create_idempotent(&vscs, &clone_content(du, &src_vsc, handle)).await?;
+    let ns = du.namespace().unwrap_or_default();
+    let vs = VolumeSnapshot {
+        metadata: ObjectMeta {
+            name: Some(child_name(du)),
+            namespace: Some(ns.clone()),
+            labels: Some(owner_labels(du)),
+            annotations: Some(BTreeMap::from([
+                (VOLUME_MODE.to_string(), mode),
+                (SOURCE_SIZE.to_string(), size),
+            ])),
+            ..Default::default()
+        },
+        spec: VolumeSnapshotSpec {
+            source: VolumeSnapshotSource {
+                volume_snapshot_content_name: Some(vsc_name(du)),
+                ..Default::default()
+            },
+            volume_snapshot_class_name: class,
+        },
+        status: None,
+    };
+    objects::create_idempotent(&Api::namespaced(ctx.client.clone(), &ns), &vs).await?;
+    // Our clone owns the physical snapshot now; release the source without destroying it.
+    vscs.patch(
+        &bound,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"deletionPolicy": "Retain"}})),
+    )
+    .await?;
+    let src: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &du.spec.source_namespace);
+    objects::delete_idempotent(&src, &source_snapshot(du), None).await?;
+    objects::delete_idempotent(&vscs, &bound, None).await?;
+    Ok(Step::Done(()))
+}
+
+/// Our content: the source's storage snapshot, pre-bound to our VolumeSnapshot, deleted with it.
+fn clone_content(
+    du: &DataUpload,
+    src: &VolumeSnapshotContent,
+    handle: String,
+) -> VolumeSnapshotContent {
+    VolumeSnapshotContent {
+        metadata: ObjectMeta {
+            name: Some(vsc_name(du)),
+            labels: Some(owner_labels(du)),
+            ..Default::default()
+        },
+        spec: VolumeSnapshotContentSpec {
+            deletion_policy: Some("Delete".into()),
+            driver: src.spec.driver.clone(),
+            source: VolumeSnapshotContentSource {
+                snapshot_handle: Some(handle),
+                ..Default::default()
+            },
+            volume_snapshot_class_name: src.spec.volume_snapshot_class_name.clone(),
+            volume_snapshot_ref: VolumeSnapshotRef {
+                name: Some(child_name(du)),
+                namespace: du.namespace(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// The source PVC's volume mode and size, kept on our snapshot (the PVC may go away).
+async fn source_volume(
+    du: &DataUpload,
+    ctx: &Context,
+    src_vsc: &VolumeSnapshotContent,
+) -> Result<(String, String)> {
+    let pvcs: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &du.spec.source_namespace);
+    let spec = objects::get_opt(&pvcs, &du.spec.source_pvc)
+        .await?
+        .and_then(|p| p.spec);
+    let mode = src_vsc
+        .spec
+        .source_volume_mode
+        .clone()
+        .or_else(|| spec.as_ref()?.volume_mode.clone())
+        .unwrap_or_else(|| "Filesystem".into());
+    let size = spec
+        .and_then(|s| s.resources?.requests?.remove("storage"))
+        .map(|q| q.0)
+        .unwrap_or_default();
+    Ok((mode, size))
+}
+
+/// Deletes our snapshot and content (once the PVCs made from them are gone, also the provisioner's stale
+/// protection), and a source snapshot never taken over. Returns how many of ours were still there.
+pub async fn cleanup(du: &DataUpload, ctx: &Context) -> Result<usize> {
+    let ns = du.namespace().unwrap_or_default();
+    let sel = objects::owner_selector(du);
+    let vss: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut left = objects::delete_selected(&vss, &sel).await?;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    if pvcs
+        .list(&ListParams::default().labels(&sel))
+        .await?
+        .items
+        .is_empty()
+    {
+        release_source_protection(&vss, &sel).await?;
+    }
+    let vscs: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
+    left += objects::delete_selected(&vscs, &sel).await?;
+    // A source snapshot never taken over (failure before the clone) is ours to release too.
+    let source = source_snapshot(du);
+    if !source.is_empty() {
+        let src: Api<VolumeSnapshot> =
+            Api::namespaced(ctx.client.clone(), &du.spec.source_namespace);
+        if objects::get_opt(&src, &source).await?.is_some() {
+            objects::delete_idempotent(&src, &source, None).await?;
+        }
+    }
+    Ok(left)
+}
+
 /// Drops [`PROVISIONER_SOURCE_FINALIZER`] from the terminating snapshots matching `selector`. Call it only
 /// once no PVC provisioned from them is left: then the protection guards nothing.
-pub async fn release_source_protection(api: &Api<DynamicObject>, selector: &str) -> Result<()> {
+pub async fn release_source_protection(api: &Api<VolumeSnapshot>, selector: &str) -> Result<()> {
     for vs in api
         .list(&ListParams::default().labels(selector))
         .await?
@@ -59,7 +324,7 @@ pub async fn release_source_protection(api: &Api<DynamicObject>, selector: &str)
             .filter(|f| *f != PROVISIONER_SOURCE_FINALIZER)
             .collect();
         // With the resourceVersion the patch only applies to the version read.
-        let patch = serde_json::json!({"metadata": {
+        let patch = json!({"metadata": {
             "finalizers": keep,
             "resourceVersion": vs.metadata.resource_version,
         }});
@@ -78,151 +343,6 @@ pub async fn release_source_protection(api: &Api<DynamicObject>, selector: &str)
     Ok(())
 }
 
-/// Annotation on our VolumeSnapshot: the source PVC's volume mode.
-pub const VOLUME_MODE: &str = "ferry.dev/volume-mode";
-/// Annotation on our VolumeSnapshot: the source PVC's size.
-pub const SOURCE_SIZE: &str = "ferry.dev/source-size";
-
-fn vsc_name(du: &DataUpload) -> String {
-    format!("ferry-{}", du.uid().unwrap_or_default())
-}
-
-/// `status.readyToUse`.
-pub fn ready(vs: &DynamicObject) -> bool {
-    vs.data["status"]["readyToUse"].as_bool() == Some(true)
-}
-
-fn since_accepted(du: &DataUpload) -> Duration {
-    du.accepted_timestamp()
-        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .map(|t| {
-            let s = k8s_openapi::jiff::Timestamp::now()
-                .duration_since(t)
-                .as_secs();
-            Duration::from_secs(s.max(0) as u64)
-        })
-        .unwrap_or_default()
-}
-
-/// What taking over the source snapshot came to.
-pub enum Handover {
-    /// Our clone exists and the source is released.
-    Done,
-    /// The source snapshot is not ready yet (why).
-    Waiting(String),
-    /// It cannot be taken over (why).
-    Failed(String),
-}
-
-/// Clones the source VolumeSnapshot/Content into ours (idempotent), then releases the source.
-pub async fn take_over(du: &DataUpload, ctx: &Context) -> Result<Handover> {
-    let ns = du.namespace().unwrap_or_default();
-    let name = child_name(du);
-    let csi = du.spec.csi_snapshot.clone().unwrap_or_default();
-    let src_ns = &du.spec.source_namespace;
-    let src_vs_api = vs_api(&ctx.client, src_ns);
-    let Some(src) = objects::get_opt(&src_vs_api, &csi.volume_snapshot).await? else {
-        return Ok(Handover::Failed(format!(
-            "VolumeSnapshot {src_ns}/{} not found",
-            csi.volume_snapshot
-        )));
-    };
-    let bound = src.data["status"]["boundVolumeSnapshotContentName"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if !ready(&src) || bound.is_empty() {
-        let err = src.data["status"]["error"]["message"]
-            .as_str()
-            .unwrap_or("not ready yet");
-        let waited = since_accepted(du);
-        if waited > du.operation_timeout() {
-            return Ok(Handover::Failed(format!(
-                "VolumeSnapshot {src_ns}/{} not ready after {}s: {err}",
-                csi.volume_snapshot,
-                waited.as_secs()
-            )));
-        }
-        return Ok(Handover::Waiting(format!(
-            "VolumeSnapshot {src_ns}/{} {err}",
-            csi.volume_snapshot
-        )));
-    }
-    let vscs = vsc_api(&ctx.client);
-    let Some(src_vsc) = objects::get_opt(&vscs, &bound).await? else {
-        return Ok(Handover::Failed(format!(
-            "VolumeSnapshotContent {bound} not found"
-        )));
-    };
-    let Some(handle) = src_vsc.data["status"]["snapshotHandle"].as_str() else {
-        return Ok(Handover::Failed(format!(
-            "VolumeSnapshotContent {bound} has no snapshot handle"
-        )));
-    };
-    let driver = src_vsc.data["spec"]["driver"].clone();
-    let class = src_vsc.data["spec"]["volumeSnapshotClassName"].clone();
-    // The source PVC's volume mode and size, kept on our snapshot (the PVC may go away).
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), src_ns);
-    let src_pvc = objects::get_opt(&pvcs, &du.spec.source_pvc).await?;
-    let mode = src_vsc.data["spec"]["sourceVolumeMode"]
-        .as_str()
-        .map(str::to_string)
-        .or_else(|| {
-            src_pvc
-                .as_ref()
-                .and_then(|p| p.spec.as_ref()?.volume_mode.clone())
-        })
-        .unwrap_or_else(|| "Filesystem".into());
-    let size = src_pvc
-        .as_ref()
-        .and_then(|p| {
-            p.spec
-                .as_ref()?
-                .resources
-                .as_ref()?
-                .requests
-                .as_ref()?
-                .get("storage")
-                .cloned()
-        })
-        .map(|q| q.0)
-        .unwrap_or_default();
-    let labels = owner_labels(du);
-    let vsc: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1",
-        "kind": "VolumeSnapshotContent",
-        "metadata": {"name": vsc_name(du), "labels": labels},
-        "spec": {
-            "deletionPolicy": "Delete",
-            "driver": driver,
-            "source": {"snapshotHandle": handle},
-            "volumeSnapshotClassName": class,
-            "volumeSnapshotRef": {"name": name, "namespace": ns},
-        }
-    }))
-    .map_err(|e| crate::error::Error::Invalid(e.to_string()))?;
-    objects::create_idempotent(&vscs, &vsc).await?;
-    let vs: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "snapshot.storage.k8s.io/v1",
-        "kind": "VolumeSnapshot",
-        "metadata": {"name": name, "namespace": ns, "labels": labels,
-            "annotations": {VOLUME_MODE: mode, SOURCE_SIZE: size}},
-        "spec": {"source": {"volumeSnapshotContentName": vsc_name(du)},
-            "volumeSnapshotClassName": class},
-    }))
-    .map_err(|e| crate::error::Error::Invalid(e.to_string()))?;
-    objects::create_idempotent(&vs_api(&ctx.client, &ns), &vs).await?;
-    // Our clone owns the physical snapshot now; release the source without destroying it.
-    vscs.patch(
-        &bound,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"deletionPolicy": "Retain"}})),
-    )
-    .await?;
-    objects::delete_idempotent(&src_vs_api, &csi.volume_snapshot, None).await?;
-    objects::delete_idempotent(&vscs, &bound, None).await?;
-    Ok(Handover::Done)
-}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,7 +400,7 @@ mod tests {
                 Ok(Some(_))
             ));
         });
-        release_source_protection(&vs_api(&client, "velero"), "x=y")
+        release_source_protection(&Api::namespaced(client, "velero"), "x=y")
             .await
             .expect("release");
         server.await.expect("server");
