@@ -205,3 +205,90 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
     objects::create_idempotent(&pods, &p).await?;
     Ok(Action::requeue(Duration::from_secs(2)))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Backup deletion's steps against kube's mock service.
+    use super::*;
+    use crate::testing::{Seen, ago, ctx, echo_or, ok, serve};
+    use http::Method;
+
+    fn backup(deleting: bool, finalizers: &[&str]) -> Backup {
+        let mut v = json!({
+            "apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {"name": "b1", "namespace": "velero", "uid": "bu1", "resourceVersion": "3",
+                "finalizers": finalizers},
+            "spec": {"snapshotMoveData": true, "datamover": "ferry", "storageLocation": "default"},
+        });
+        if deleting {
+            v["metadata"]["deletionTimestamp"] = json!(ago(1));
+        }
+        serde_json::from_value(v).expect("backup")
+    }
+
+    /// A patched Backup: the API server answers with the whole object.
+    fn patched_backup(s: &Seen) -> Option<http::Response<kube::client::Body>> {
+        s.is(&Method::PATCH, "/backups/b1")
+            .then(|| ok(serde_json::to_value(backup(false, &[])).expect("json")))
+    }
+
+    #[tokio::test]
+    async fn a_backup_moving_data_with_ferry_gets_the_finalizer_once() {
+        let (ctx, handle) = ctx();
+        let server = serve(handle, echo_or(patched_backup));
+        reconcile(Arc::new(backup(false, &["other/keep"])), ctx.clone())
+            .await
+            .expect("reconcile");
+        reconcile(Arc::new(backup(false, &[BACKUP_FINALIZER])), ctx)
+            .await
+            .expect("reconcile");
+        let seen = server.await.expect("server");
+        assert_eq!(seen.len(), 1, "{seen:#?}");
+        assert!(seen[0].is(&Method::PATCH, "/namespaces/velero/backups/b1"));
+        assert_eq!(
+            seen[0].body["metadata"],
+            json!({"finalizers": ["other/keep", BACKUP_FINALIZER], "resourceVersion": "3"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_maintenance_pod_releases_the_backup() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| {
+                if let Some(r) = patched_backup(s) {
+                    return Some(r);
+                }
+                s.is(&Method::GET, "/namespaces/velero/pods/ferry-prune-b1")
+                    .then(|| {
+                        ok(json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "ferry-prune-b1", "namespace": "velero"},
+                        "spec": {"nodeName": "n1", "containers": [{"name": "mover"}]},
+                        "status": {"phase": "Succeeded"}}))
+                    })
+            }),
+        );
+        let out = reconcile(
+            Arc::new(backup(true, &[BACKUP_FINALIZER, "other/keep"])),
+            ctx,
+        )
+        .await
+        .expect("reconcile");
+        let seen = server.await.expect("server");
+        assert_eq!(out, Action::await_change());
+        assert!(
+            seen.iter()
+                .any(|s| s.is(&Method::DELETE, "/pods/ferry-prune-b1")),
+            "{seen:#?}"
+        );
+        let release = seen
+            .iter()
+            .find(|s| s.is(&Method::PATCH, "/backups/b1"))
+            .unwrap_or_else(|| panic!("not released: {seen:#?}"));
+        assert_eq!(
+            release.body["metadata"]["finalizers"],
+            json!(["other/keep"])
+        );
+    }
+}

@@ -82,3 +82,53 @@ impl Flow for DataDownload {
         Ok(delete_pods_and_pvcs(ctx, self).await? + rebind::cleanup(self, ctx).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The restore flow's own steps against kube's mock service.
+    use super::*;
+    use crate::testing::{Seen, ctx, dd, echo_or, serve};
+    use http::Method;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn completion_stores_the_result_before_the_volume_is_handed_over() {
+        let (ctx, handle) = ctx();
+        let server = serve(handle, echo_or(|_| None));
+        let cr = dd(json!({"phase": "InProgress"}), |_| {});
+        let message = r#"{"version":1,"snapshotId":"s","totalBytes":7,"files":1,"dirs":0}"#;
+        let r: RestoreResult = serde_json::from_str(message).expect("result");
+        let step = cr
+            .complete(&ctx, "node-b", message, r)
+            .await
+            .expect("complete");
+        drop(ctx);
+        let seen: Vec<Seen> = server.await.expect("server");
+        assert!(
+            matches!(&step, Step::Wait { reason, requeue }
+                if reason == "result stored" && *requeue == Duration::from_millis(50)),
+            "{step:?}"
+        );
+        assert_eq!(seen.len(), 1, "only the result is written: {seen:#?}");
+        assert!(seen[0].is(&Method::PUT, "/datadownloads/r1-x"));
+        assert_eq!(
+            seen[0].body["metadata"]["annotations"][RESULT_ANNOTATION],
+            message
+        );
+        assert_eq!(seen[0].body["status"]["node"], "node-b");
+    }
+
+    #[test]
+    fn mover_args_name_the_snapshot_and_sparse_writes() {
+        let cr = dd(json!(null), |v| {
+            v["spec"]["dataMoverConfig"] = json!({"WriteSparseFiles": "true"})
+        });
+        let args = cr.mover_args();
+        assert!(
+            args.contains(&format!("--snapshot={}", "ab".repeat(32))),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--sparse".to_string()), "{args:?}");
+        assert_eq!(cr.stored_result(), None);
+    }
+}

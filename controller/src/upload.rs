@@ -88,3 +88,69 @@ impl Flow for DataUpload {
         Ok(delete_pods_and_pvcs(ctx, self).await? + snapshot::cleanup(self, ctx).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The backup flow's own steps against kube's mock service.
+    use super::*;
+    use crate::testing::{ctx, du, echo_or, serve};
+    use serde_json::json;
+
+    #[test]
+    fn mover_args_name_the_source_and_the_backup_tags() {
+        let cr = du(
+            json!(null),
+            |v| {
+                v["metadata"]["labels"] =
+                    json!({"velero.io/backup-name": "b1", "velero.io/backup-uid": "bu1"})
+            },
+        );
+        let args = cr.mover_args();
+        assert!(args.contains(&"--source-pvc=app/p".to_string()), "{args:?}");
+        assert!(
+            args.contains(&format!("--tag={TAG_BACKUP_NAME}=b1")),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&format!("--tag={TAG_BACKUP_UID}=bu1")),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--uid=u1".to_string()), "{args:?}");
+    }
+
+    #[tokio::test]
+    async fn completion_records_the_mover_snapshot_where_velero_reads_it() {
+        let (ctx, handle) = ctx();
+        // The BSL is gone by now: the repository is recorded empty, the CR still completes.
+        let server = serve(handle, echo_or(|_| None));
+        let cr = du(json!({"phase": "InProgress"}), |_| {});
+        let r = BackupResult {
+            snapshot_id: "s1".into(),
+            total_bytes: 10,
+            read_bytes: 10,
+            incremental_bytes: 4,
+            stored_bytes: 3,
+            files: 2,
+            dirs: 1,
+            version: ferry_proto::result::RESULT_VERSION,
+        };
+        let step = cr
+            .complete(&ctx, "node-b", "{}", r)
+            .await
+            .expect("complete");
+        drop(ctx);
+        server.await.expect("server");
+        let Step::Done(done) = step else {
+            panic!("not done: {step:?}")
+        };
+        let s = done.status.expect("status");
+        assert_eq!(s.snapshot_id.as_deref(), Some("s1"));
+        assert_eq!(s.incremental_bytes, Some(4));
+        assert_eq!(s.node.as_deref(), Some("node-b"));
+        assert_eq!(s.message, None);
+        let result = s.data_mover_result.expect("dataMoverResult");
+        assert_eq!(result["snapshotID"], "s1");
+        assert_eq!(result["incrementalBytes"], "4");
+        assert_eq!(result["repository"], "");
+    }
+}

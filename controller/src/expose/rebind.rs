@@ -297,3 +297,143 @@ pub async fn cleanup(dd: &DataDownload, ctx: &Context) -> Result<usize> {
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     objects::delete_selected(&pvs, &objects::owner_selector(dd)).await
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each step of the restore exposer against kube's mock service: the requests it makes and its outcome.
+    use super::*;
+    use crate::testing::{Seen, ctx, dd, echo_or, empty_list, ok, serve};
+    use http::Method;
+
+    fn target(volume: Option<&str>) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": "app", "uid": "t1"},
+            "spec": {"volumeName": volume, "storageClassName": "sc",
+                "selector": {"matchLabels": {"app": "db"}}}})
+    }
+
+    fn pv(phase: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "pv-1", "labels": {labels::OWNER_UID: "d1"},
+                "annotations": {labels::ORIGINAL_RECLAIM_POLICY: "Delete"}},
+            "spec": {"persistentVolumeReclaimPolicy": "Retain"},
+            "status": {"phase": phase}})
+    }
+
+    #[tokio::test]
+    async fn admission_waits_for_the_target_pvc_and_refuses_a_bound_one() {
+        let (ctx, handle) = ctx();
+        let answers = std::sync::Mutex::new(vec![target(Some("pv-x")), target(None)]);
+        let server = serve(handle, move |s: &Seen| {
+            assert!(s.is(&Method::GET, "/namespaces/app/persistentvolumeclaims/data"));
+            match answers.lock().expect("answers").pop() {
+                Some(v) => ok(v),
+                None => crate::testing::failure(404, "NotFound"),
+            }
+        });
+        let cr = dd(json!(null), |_| {});
+        assert_eq!(admissible(&cr, &ctx).await.expect("admit"), Step::Done(()));
+        let bound = admissible(&cr, &ctx).await.expect("admit");
+        assert_eq!(
+            bound,
+            Step::fail("target PVC app/data is already bound to pv-x")
+        );
+        let missing = admissible(&cr, &ctx).await.expect("admit");
+        assert!(
+            matches!(&missing, Step::Wait { reason, requeue }
+                if reason.starts_with("waiting for the target PVC app/data") && *requeue == ADMIT_REQUEUE),
+            "{missing:?}"
+        );
+        drop(ctx);
+        assert_eq!(server.await.expect("server").len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_restored_volume_is_pointed_at_the_target_then_waited_for() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| {
+                if s.is(&Method::GET, "/namespaces/velero/pods") {
+                    return Some(ok(empty_list("PodList")));
+                }
+                if s.is(&Method::GET, "/api/v1/persistentvolumes") {
+                    return Some(ok(
+                        json!({"apiVersion": "v1", "kind": "PersistentVolumeList",
+                        "metadata": {}, "items": [pv("Available")]}),
+                    ));
+                }
+                if s.is(&Method::GET, "/namespaces/app/persistentvolumeclaims/data") {
+                    return Some(ok(target(None)));
+                }
+                if s.is(
+                    &Method::PATCH,
+                    "/namespaces/app/persistentvolumeclaims/data",
+                ) {
+                    return Some(ok(target(Some("pv-1"))));
+                }
+                (s.path.ends_with("/persistentvolumes/pv-1")).then(|| ok(pv("Available")))
+            }),
+        );
+        let cr = dd(json!({"phase": "InProgress"}), |_| {});
+        let step = rebind(&cr, &ctx).await.expect("rebind");
+        drop(ctx);
+        let seen = server.await.expect("server");
+        assert_eq!(
+            step,
+            Step::wait(
+                "waiting for PV pv-1 to bind to the target PVC",
+                EXPOSE_REQUEUE
+            )
+        );
+        let claim = seen
+            .iter()
+            .find(|s| s.is(&Method::PATCH, "/persistentvolumes/pv-1"))
+            .unwrap_or_else(|| panic!("the PV was not pointed at the target: {seen:#?}"));
+        assert_eq!(claim.body["spec"]["claimRef"]["uid"], "t1");
+        assert_eq!(claim.body["spec"]["claimRef"]["name"], "data");
+        assert_eq!(claim.body["metadata"]["labels"], json!({"app": "db"}));
+        let volume = seen
+            .iter()
+            .find(|s| s.is(&Method::PATCH, "/persistentvolumeclaims/data"))
+            .unwrap_or_else(|| panic!("the target was not pointed at the PV: {seen:#?}"));
+        assert_eq!(volume.body, json!({"spec": {"volumeName": "pv-1"}}));
+        // Not bound yet: the reclaim policy stays Retain.
+        assert_eq!(
+            seen.iter().filter(|s| s.method == Method::PATCH).count(),
+            2,
+            "{seen:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_target_bound_elsewhere_fails_the_hand_over() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| {
+                if s.is(&Method::GET, "/namespaces/velero/pods") {
+                    return Some(ok(empty_list("PodList")));
+                }
+                if s.is(&Method::GET, "/api/v1/persistentvolumes") {
+                    return Some(ok(
+                        json!({"apiVersion": "v1", "kind": "PersistentVolumeList",
+                        "metadata": {}, "items": [pv("Available")]}),
+                    ));
+                }
+                if s.is(&Method::GET, "/namespaces/app/persistentvolumeclaims/data") {
+                    return Some(ok(target(Some("pv-other"))));
+                }
+                (s.path.ends_with("/persistentvolumes/pv-1")).then(|| ok(pv("Available")))
+            }),
+        );
+        let cr = dd(json!({"phase": "InProgress"}), |_| {});
+        let step = rebind(&cr, &ctx).await.expect("rebind");
+        drop(ctx);
+        server.await.expect("server");
+        assert_eq!(
+            step,
+            Step::fail("target PVC is bound to another volume pv-other")
+        );
+    }
+}

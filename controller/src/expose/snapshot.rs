@@ -406,3 +406,176 @@ mod tests {
         server.await.expect("server");
     }
 }
+
+#[cfg(test)]
+mod step_tests {
+    //! Each step of the backup exposer against kube's mock service: the requests it makes and its outcome.
+    use super::*;
+    use crate::testing::{Seen, ago, ctx, du, echo_or, ok, serve};
+    use http::Method;
+
+    fn source_snapshot_json(status: serde_json::Value) -> serde_json::Value {
+        json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "vs", "namespace": "app"}, "spec": {"source": {"persistentVolumeClaimName": "p"}},
+            "status": status})
+    }
+
+    fn position(seen: &[Seen], method: &Method, suffix: &str) -> usize {
+        seen.iter()
+            .position(|s| s.is(method, suffix))
+            .unwrap_or_else(|| panic!("no {method} {suffix}: {seen:#?}"))
+    }
+
+    #[tokio::test]
+    async fn the_source_snapshot_is_cloned_then_released() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| {
+                if s.is(&Method::GET, "/namespaces/app/volumesnapshots/vs") {
+                    return Some(ok(source_snapshot_json(json!({"readyToUse": true,
+                        "boundVolumeSnapshotContentName": "snapcontent-1"}))));
+                }
+                if s.is(&Method::GET, "/volumesnapshotcontents/snapcontent-1") {
+                    return Some(ok(json!({"apiVersion": "snapshot.storage.k8s.io/v1",
+                        "kind": "VolumeSnapshotContent", "metadata": {"name": "snapcontent-1"},
+                        "spec": {"driver": "hostpath.csi.k8s.io", "volumeSnapshotClassName": "vsc",
+                            "sourceVolumeMode": "Block", "deletionPolicy": "Delete",
+                            "source": {"volumeHandle": "v1"}, "volumeSnapshotRef": {"name": "vs"}},
+                        "status": {"snapshotHandle": "h1", "readyToUse": true}})));
+                }
+                (s.method == Method::POST).then(|| ok(s.body.clone()))
+            }),
+        );
+        let cr = du(
+            json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
+            |_| {},
+        );
+        let step = expose(&cr, &ctx).await.expect("expose");
+        drop(ctx);
+        let seen = server.await.expect("server");
+        assert_eq!(step, Step::wait("snapshot taken over", EXPOSE_REQUEUE));
+        let vsc = &seen[position(&seen, &Method::POST, "/volumesnapshotcontents")].body;
+        assert_eq!(vsc["metadata"]["name"], "ferry-u1");
+        assert_eq!(vsc["spec"]["deletionPolicy"], "Delete");
+        assert_eq!(vsc["spec"]["driver"], "hostpath.csi.k8s.io");
+        assert_eq!(vsc["spec"]["source"], json!({"snapshotHandle": "h1"}));
+        assert_eq!(
+            vsc["spec"]["volumeSnapshotRef"],
+            json!({"name": "ferry-b1-x", "namespace": "velero"})
+        );
+        let vs = &seen[position(&seen, &Method::POST, "/namespaces/velero/volumesnapshots")].body;
+        assert_eq!(
+            vs["spec"]["source"],
+            json!({"volumeSnapshotContentName": "ferry-u1"})
+        );
+        assert_eq!(vs["spec"]["volumeSnapshotClassName"], "vsc");
+        assert_eq!(vs["metadata"]["annotations"][VOLUME_MODE], "Block");
+        assert_eq!(vs["metadata"]["labels"]["ferry.dev/owner-uid"], "u1");
+        // The source is released only after our clone exists, and never destroyed: Retain first.
+        let retain = position(
+            &seen,
+            &Method::PATCH,
+            "/volumesnapshotcontents/snapcontent-1",
+        );
+        assert_eq!(
+            seen[retain].body,
+            json!({"spec": {"deletionPolicy": "Retain"}})
+        );
+        assert!(position(&seen, &Method::POST, "/namespaces/velero/volumesnapshots") < retain);
+        assert!(retain < position(&seen, &Method::DELETE, "/namespaces/app/volumesnapshots/vs"));
+        assert!(
+            retain
+                < position(
+                    &seen,
+                    &Method::DELETE,
+                    "/volumesnapshotcontents/snapcontent-1"
+                )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_snapshot_not_ready_is_waited_for_within_the_operation_timeout() {
+        let not_ready = || {
+            echo_or(|s| {
+                s.is(&Method::GET, "/namespaces/app/volumesnapshots/vs")
+                    .then(|| {
+                        ok(source_snapshot_json(
+                            json!({"readyToUse": false, "error": {"message": "driver busy"}}),
+                        ))
+                    })
+            })
+        };
+        let (ctx, handle) = ctx();
+        let server = serve(handle, not_ready());
+        let recent = du(
+            json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
+            |_| {},
+        );
+        let step = take_over(&recent, &ctx).await.expect("take over");
+        assert_eq!(
+            step,
+            Step::wait("VolumeSnapshot app/vs driver busy", EXPOSE_REQUEUE)
+        );
+        let late = du(
+            json!({"phase": "Accepted", "acceptedTimestamp": ago(11)}),
+            |_| {},
+        );
+        let step = take_over(&late, &ctx).await.expect("take over");
+        assert!(
+            matches!(&step, Step::Fail(m) if m.contains("not ready after 6") && m.contains("driver busy")),
+            "{step:?}"
+        );
+        drop(ctx);
+        let seen = server.await.expect("server");
+        assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_ready_clone_is_exposed_as_a_pvc_of_its_restore_size() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| {
+                if s.is(
+                    &Method::GET,
+                    "/namespaces/velero/volumesnapshots/ferry-b1-x",
+                ) {
+                    return Some(ok(json!({"apiVersion": "snapshot.storage.k8s.io/v1",
+                        "kind": "VolumeSnapshot", "metadata": {"name": "ferry-b1-x",
+                            "namespace": "velero", "annotations": {VOLUME_MODE: "Filesystem"}},
+                        "status": {"readyToUse": true, "restoreSize": "5Gi"}})));
+                }
+                if s.is(&Method::GET, "/storageclasses/sc") {
+                    return Some(ok(json!({"apiVersion": "storage.k8s.io/v1",
+                        "kind": "StorageClass", "metadata": {"name": "sc"}, "provisioner": "p",
+                        "volumeBindingMode": "WaitForFirstConsumer"})));
+                }
+                (s.method == Method::POST).then(|| ok(s.body.clone()))
+            }),
+        );
+        let cr = du(
+            json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
+            |_| {},
+        );
+        let step = expose(&cr, &ctx).await.expect("expose");
+        drop(ctx);
+        let seen = server.await.expect("server");
+        let exposure = Exposure {
+            pvc: "ferry-b1-x".into(),
+            block: false,
+            nodes: vec![],
+        };
+        assert_eq!(step, Step::Done(exposure));
+        let pvc = &seen[position(
+            &seen,
+            &Method::POST,
+            "/namespaces/velero/persistentvolumeclaims",
+        )]
+        .body;
+        assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
+        assert_eq!(pvc["spec"]["dataSource"]["name"], "ferry-b1-x");
+        assert_eq!(pvc["spec"]["storageClassName"], "sc");
+        assert_eq!(pvc["metadata"]["ownerReferences"][0]["uid"], "u1");
+    }
+}
