@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use ferry_proto::labels;
+use k8s_openapi::api::core::v1::NodeSelectorTerm;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::{Resource, ResourceExt};
@@ -111,4 +112,19 @@ pub fn owner_args<K: Resource<DynamicType = ()>>(o: &K) -> Vec<String> {
         format!("--namespace={}", o.namespace().unwrap_or_default()),
         format!("--uid={}", o.uid().unwrap_or_default()),
     ]
+}
+
+/// The values of the `In` expressions in `terms` whose key `key_matches` (the hostnames a node affinity
+/// names), if any.
+pub fn hostnames(
+    terms: &[NodeSelectorTerm],
+    key_matches: impl Fn(&str) -> bool,
+) -> Option<Vec<String>> {
+    let out: Vec<String> = terms
+        .iter()
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.operator == "In" && key_matches(&e.key))
+        .flat_map(|e| e.values.iter().flatten().cloned())
+        .collect();
+    (!out.is_empty()).then_some(out)
 }

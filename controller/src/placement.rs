@@ -9,6 +9,7 @@ use kube::api::{Api, ListParams};
 
 use crate::context::Context;
 use crate::error::Result;
+use crate::objects;
 
 /// Nodes where a new mover pod may go under the per-node limit, restricted to `allowed` when given.
 /// Pods not yet scheduled count against every node they may land on. Call under `ctx.placement`.
@@ -77,13 +78,5 @@ fn pod_nodes(p: &Pod) -> Option<Vec<String>> {
         .required_during_scheduling_ignored_during_execution
         .as_ref()?
         .node_selector_terms;
-    let mut out = Vec::new();
-    for t in terms {
-        for e in t.match_expressions.iter().flatten() {
-            if e.key == "kubernetes.io/hostname" && e.operator == "In" {
-                out.extend(e.values.iter().flatten().cloned());
-            }
-        }
-    }
-    (!out.is_empty()).then_some(out)
+    objects::hostnames(terms, |key| key == "kubernetes.io/hostname")
 }

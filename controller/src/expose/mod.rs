@@ -81,17 +81,9 @@ pub fn pv_nodes(pv: &PersistentVolume) -> Option<Vec<String>> {
         .required
         .as_ref()?
         .node_selector_terms;
-    let mut out = Vec::new();
-    for t in terms {
-        for e in t.match_expressions.iter().flatten() {
-            if (e.key == "kubernetes.io/hostname"
-                || e.key.ends_with("/hostname")
-                || e.key.ends_with("topology.hostpath.csi/node"))
-                && e.operator == "In"
-            {
-                out.extend(e.values.iter().flatten().cloned());
-            }
-        }
-    }
-    (!out.is_empty()).then_some(out)
+    objects::hostnames(terms, |key| {
+        key == "kubernetes.io/hostname"
+            || key.ends_with("/hostname")
+            || key.ends_with("topology.hostpath.csi/node")
+    })
 }

@@ -348,23 +348,26 @@ mod tests {
         assert_eq!(server.await.expect("server").len(), 3);
     }
 
-    #[tokio::test]
-    async fn the_restored_volume_is_pointed_at_the_target_then_waited_for() {
+    /// One rebind of a DataDownload whose restore PVC is gone, whose restored PV `pv-1` is Available and
+    /// whose target PVC is bound to `target_volume`; the outcome and the requests made.
+    async fn rebind_with_target(target_volume: Option<&'static str>) -> (Step, Vec<Seen>) {
         let (ctx, handle) = ctx();
         let server = serve(
             handle,
-            echo_or(|s| {
-                if s.is(&Method::GET, "/namespaces/velero/pods") {
+            echo_or(move |s| {
+                let get = |suffix: &str| s.is(&Method::GET, suffix);
+                if get("/namespaces/velero/pods") {
                     return Some(ok(empty_list("PodList")));
                 }
-                if s.is(&Method::GET, "/api/v1/persistentvolumes") {
+                if get("/api/v1/persistentvolumes") {
+                    let items = json!([pv("Available")]);
                     return Some(ok(
                         json!({"apiVersion": "v1", "kind": "PersistentVolumeList",
-                        "metadata": {}, "items": [pv("Available")]}),
+                        "metadata": {}, "items": items}),
                     ));
                 }
-                if s.is(&Method::GET, "/namespaces/app/persistentvolumeclaims/data") {
-                    return Some(ok(target(None)));
+                if get("/namespaces/app/persistentvolumeclaims/data") {
+                    return Some(ok(target(target_volume)));
                 }
                 if s.is(
                     &Method::PATCH,
@@ -378,7 +381,12 @@ mod tests {
         let cr = dd(json!({"phase": "InProgress"}), |_| {});
         let step = rebind(&cr, &ctx).await.expect("rebind");
         drop(ctx);
-        let seen = server.await.expect("server");
+        (step, server.await.expect("server"))
+    }
+
+    #[tokio::test]
+    async fn the_restored_volume_is_pointed_at_the_target_then_waited_for() {
+        let (step, seen) = rebind_with_target(None).await;
         assert_eq!(
             step,
             Step::wait(
@@ -408,29 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_target_bound_elsewhere_fails_the_hand_over() {
-        let (ctx, handle) = ctx();
-        let server = serve(
-            handle,
-            echo_or(|s| {
-                if s.is(&Method::GET, "/namespaces/velero/pods") {
-                    return Some(ok(empty_list("PodList")));
-                }
-                if s.is(&Method::GET, "/api/v1/persistentvolumes") {
-                    return Some(ok(
-                        json!({"apiVersion": "v1", "kind": "PersistentVolumeList",
-                        "metadata": {}, "items": [pv("Available")]}),
-                    ));
-                }
-                if s.is(&Method::GET, "/namespaces/app/persistentvolumeclaims/data") {
-                    return Some(ok(target(Some("pv-other"))));
-                }
-                (s.path.ends_with("/persistentvolumes/pv-1")).then(|| ok(pv("Available")))
-            }),
-        );
-        let cr = dd(json!({"phase": "InProgress"}), |_| {});
-        let step = rebind(&cr, &ctx).await.expect("rebind");
-        drop(ctx);
-        server.await.expect("server");
+        let (step, _) = rebind_with_target(Some("pv-other")).await;
         assert_eq!(
             step,
             Step::fail("target PVC is bound to another volume pv-other")

@@ -420,6 +420,20 @@ mod step_tests {
             "status": status})
     }
 
+    /// Exposes a DataUpload accepted a minute ago; the outcome and the requests `server` saw.
+    async fn expose_accepted_du(
+        ctx: std::sync::Arc<Context>,
+        server: tokio::task::JoinHandle<Vec<Seen>>,
+    ) -> (Step<Exposure>, Vec<Seen>) {
+        let cr = du(
+            json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
+            |_| {},
+        );
+        let step = expose(&cr, &ctx).await.expect("expose");
+        drop(ctx);
+        (step, server.await.expect("server"))
+    }
+
     fn position(seen: &[Seen], method: &Method, suffix: &str) -> usize {
         seen.iter()
             .position(|s| s.is(method, suffix))
@@ -447,13 +461,7 @@ mod step_tests {
                 (s.method == Method::POST).then(|| ok(s.body.clone()))
             }),
         );
-        let cr = du(
-            json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
-            |_| {},
-        );
-        let step = expose(&cr, &ctx).await.expect("expose");
-        drop(ctx);
-        let seen = server.await.expect("server");
+        let (step, seen) = expose_accepted_du(ctx, server).await;
         assert_eq!(step, Step::wait("snapshot taken over", EXPOSE_REQUEUE));
         let vsc = &seen[position(&seen, &Method::POST, "/volumesnapshotcontents")].body;
         assert_eq!(vsc["metadata"]["name"], "ferry-u1");
@@ -554,13 +562,7 @@ mod step_tests {
                 (s.method == Method::POST).then(|| ok(s.body.clone()))
             }),
         );
-        let cr = du(
-            json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
-            |_| {},
-        );
-        let step = expose(&cr, &ctx).await.expect("expose");
-        drop(ctx);
-        let seen = server.await.expect("server");
+        let (step, seen) = expose_accepted_du(ctx, server).await;
         let exposure = Exposure {
             pvc: "ferry-b1-x".into(),
             block: false,
