@@ -49,7 +49,15 @@ fn velero(c: &Cluster, args: &[&str]) -> Result<String> {
 fn deletion_state(c: &Cluster, backup: &str) -> String {
     let k = |args: &[&str]| c.kubectl_output(args).unwrap_or_else(|e| format!("{e:#}"));
     let maintenance = format!("ferry-prune-{backup}");
-    let ferry_log = k(&["-n", "ferry-system", "logs", "-l", "app.kubernetes.io/name=ferry-controller", "--tail=-1", "--prefix"]);
+    let ferry_log = k(&[
+        "-n",
+        "ferry-system",
+        "logs",
+        "-l",
+        "app.kubernetes.io/name=ferry-controller",
+        "--tail=-1",
+        "--prefix",
+    ]);
     let mentions = |log: &str| -> String {
         let lines: Vec<&str> = log.lines().filter(|l| l.contains(backup)).collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
@@ -60,7 +68,15 @@ fn deletion_state(c: &Cluster, backup: &str) -> String {
          ==== velero.log lines naming {backup}\n{}",
         k(&["-n", VELERO_NS, "get", "backup", backup, "-o", "yaml"]),
         k(&["-n", VELERO_NS, "get", "deletebackuprequests", "-o", "yaml"]),
-        k(&["-n", VELERO_NS, "get", "pods", "-o", "wide", "--show-labels"]),
+        k(&[
+            "-n",
+            VELERO_NS,
+            "get",
+            "pods",
+            "-o",
+            "wide",
+            "--show-labels"
+        ]),
         k(&["-n", VELERO_NS, "describe", "pod", &maintenance]),
         k(&["-n", VELERO_NS, "logs", &maintenance]),
         mentions(&ferry_log),
