@@ -17,12 +17,13 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::clock;
+use crate::config::Mover;
 use crate::context::Context;
 use crate::cr::Direction;
 use crate::error::Result;
 use crate::objects;
 use crate::pod::{self, PodPlan, PodState};
-use crate::repo;
+use crate::repo::{self, RepoTarget};
 use crate::step::Step;
 
 /// Finalizer on Backups whose data Ferry moved.
@@ -99,32 +100,42 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
     let ns = b.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(p) = objects::get_opt(&pods, &pod_name(b)).await? {
-        return match pod::state(&p) {
-            PodState::Succeeded { message, .. } => {
-                release(ctx, b, &format!("done: {message}")).await
-            }
-            PodState::Failed { message, .. }
-            | PodState::Pending {
-                fatal: Some(message),
-                ..
-            } => {
-                // The data stays (nothing was lost); the Backup must not hang in Terminating.
-                tracing::error!(backup = %b.name_any(), %message, "pruning the deleted backup's data failed");
-                release(ctx, b, &format!("failed: {message}")).await
-            }
-            PodState::Pending { waiting, .. } if pending_too_long(ctx, &p) => {
-                let why = waiting.unwrap_or_else(|| "pending".into());
-                let limit = ctx.config.prepare_timeout().as_secs();
-                release(
-                    ctx,
-                    b,
-                    &format!("failed: maintenance pod not running after {limit}s: {why}"),
-                )
-                .await
-            }
-            _ => Ok(Action::requeue(Duration::from_secs(2))),
-        };
+        return follow(b, ctx, &p).await;
     }
+    start(b, ctx, &pods).await
+}
+
+/// The maintenance pod exists: release the Backup once it ended, or never started within the prepare
+/// timeout.
+async fn follow(b: &Backup, ctx: &Context, p: &Pod) -> Result<Action> {
+    match pod::state(p) {
+        PodState::Succeeded { message, .. } => release(ctx, b, &format!("done: {message}")).await,
+        PodState::Failed { message, .. }
+        | PodState::Pending {
+            fatal: Some(message),
+            ..
+        } => {
+            // The data stays (nothing was lost); the Backup must not hang in Terminating.
+            tracing::error!(backup = %b.name_any(), %message, "pruning the deleted backup's data failed");
+            release(ctx, b, &format!("failed: {message}")).await
+        }
+        PodState::Pending { waiting, .. } if pending_too_long(ctx, p) => {
+            let why = waiting.unwrap_or_else(|| "pending".into());
+            let limit = ctx.config.prepare_timeout().as_secs();
+            release(
+                ctx,
+                b,
+                &format!("failed: maintenance pod not running after {limit}s: {why}"),
+            )
+            .await
+        }
+        _ => Ok(Action::requeue(Duration::from_secs(2))),
+    }
+}
+
+/// Starts the maintenance pod, one at a time, for the Backup's repositories.
+async fn start(b: &Backup, ctx: &Context, pods: &Api<Pod>) -> Result<Action> {
+    let ns = b.namespace().unwrap_or_default();
     // One maintenance pod at a time: two prunes of one repository could disagree on its index.
     let busy = pods
         .list(&ListParams::default().labels(&format!(
@@ -151,6 +162,18 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
     let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
         return release(ctx, b, "skipped: mover no longer configured").await;
     };
+    let plan = maintenance_plan(b, ctx, repo, mover);
+    let mut p = pod::build(&plan, &ctx.config);
+    if let Some(l) = p.metadata.labels.as_mut() {
+        l.insert(labels::COMPONENT.to_string(), "maintenance".to_string());
+    }
+    objects::create_idempotent(pods, &p).await?;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// The maintenance pod: `ferry pod maintain` forgetting the Backup's snapshots in every namespace
+/// repository under `repo`, then pruning.
+fn maintenance_plan(b: &Backup, ctx: &Context, repo: RepoTarget, mover: Mover) -> PodPlan {
     // Snapshots carry the Backup's name as the DataUploads' `velero.io/backup-name` label gave it (names
     // are unique per location, and survive a sync into another cluster, unlike uids).
     let tag = format!(
@@ -158,9 +181,9 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
         labels::TAG_BACKUP_NAME,
         labels::velero_label_value(&b.name_any())
     );
-    let plan = PodPlan {
+    PodPlan {
         name: pod_name(b),
-        namespace: ns.clone(),
+        namespace: b.namespace().unwrap_or_default(),
         labels: std::collections::BTreeMap::from([
             (labels::OWNER_KIND.to_string(), "Backup".to_string()),
             (
@@ -197,13 +220,7 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
             ],
         ]
         .concat(),
-    };
-    let mut p = pod::build(&plan, &ctx.config);
-    if let Some(l) = p.metadata.labels.as_mut() {
-        l.insert(labels::COMPONENT.to_string(), "maintenance".to_string());
     }
-    objects::create_idempotent(&pods, &p).await?;
-    Ok(Action::requeue(Duration::from_secs(2)))
 }
 
 #[cfg(test)]

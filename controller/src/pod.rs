@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use ferry_proto::pod as contract;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SeccompProfile,
+    Affinity, Capabilities, Container, ContainerStateTerminated, ContainerStatus,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodStatus, SeccompProfile,
     SecretKeySelector, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
     VolumeDevice, VolumeMount,
 };
@@ -402,90 +403,100 @@ pub fn state(pod: &Pod) -> PodState {
                 .trim()
                 .to_string(),
         },
-        Some("Failed") => {
-            if status.reason.as_deref() == Some("Evicted") {
-                return PodState::Failed {
-                    message: format!(
-                        "mover pod was evicted from {node}: {}",
-                        status.message.clone().unwrap_or_default()
-                    ),
-                    canceled: false,
-                };
-            }
-            match terminated {
-                Some(t) if t.exit_code == contract::EXIT_CANCELED => PodState::Failed {
-                    message: "data path canceled".into(),
-                    canceled: true,
-                },
-                Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Failed {
-                    message: format!(
-                        "mover pod was OOMKilled (exit code {}): raise podResources.limits.memory",
-                        t.exit_code
-                    ),
-                    canceled: false,
-                },
-                Some(t) => PodState::Failed {
-                    message: match t.message.as_deref().map(str::trim) {
-                        Some(m) if !m.is_empty() => m.to_string(),
-                        _ => format!(
-                            "mover exited with code {} ({})",
-                            t.exit_code,
-                            t.reason.unwrap_or_else(|| "no reason".into())
-                        ),
-                    },
-                    canceled: false,
-                },
-                None => PodState::Failed {
-                    message: format!(
-                        "mover pod failed: {} {}",
-                        status.reason.clone().unwrap_or_default(),
-                        status.message.clone().unwrap_or_default()
-                    )
-                    .trim()
-                    .to_string(),
-                    canceled: false,
-                },
-            }
-        }
+        Some("Failed") => failed(status, terminated, &node),
         Some("Running") => PodState::Running { node },
-        _ => {
-            let waiting = container.and_then(|c| c.state.as_ref()?.waiting.clone());
-            let fatal = waiting.as_ref().and_then(|w| {
-                let reason = w.reason.as_deref()?;
-                FATAL_WAITING.contains(&reason).then(|| {
-                    format!(
-                        "mover pod cannot start: {reason}: {}",
-                        w.message.clone().unwrap_or_default()
-                    )
-                })
-            });
-            let unschedulable = status.conditions.as_ref().and_then(|cs| {
-                cs.iter()
-                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-                    .map(|c| {
-                        format!(
-                            "unschedulable: {}",
-                            c.message
-                                .clone()
-                                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-                        )
-                    })
-            });
-            PodState::Pending {
-                waiting: unschedulable.or_else(|| {
-                    waiting.map(|w| {
-                        format!(
-                            "{} {}",
-                            w.reason.unwrap_or_default(),
-                            w.message.unwrap_or_default()
-                        )
-                        .trim()
-                        .to_string()
-                    })
-                }),
-                fatal,
-            }
-        }
+        _ => pending(status, container),
+    }
+}
+
+/// A Failed pod: evicted, canceled, OOM-killed, or the mover's own message.
+fn failed(
+    status: &PodStatus,
+    terminated: Option<ContainerStateTerminated>,
+    node: &str,
+) -> PodState {
+    if status.reason.as_deref() == Some("Evicted") {
+        return PodState::Failed {
+            message: format!(
+                "mover pod was evicted from {node}: {}",
+                status.message.clone().unwrap_or_default()
+            ),
+            canceled: false,
+        };
+    }
+    match terminated {
+        Some(t) if t.exit_code == contract::EXIT_CANCELED => PodState::Failed {
+            message: "data path canceled".into(),
+            canceled: true,
+        },
+        Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Failed {
+            message: format!(
+                "mover pod was OOMKilled (exit code {}): raise podResources.limits.memory",
+                t.exit_code
+            ),
+            canceled: false,
+        },
+        Some(t) => PodState::Failed {
+            message: match t.message.as_deref().map(str::trim) {
+                Some(m) if !m.is_empty() => m.to_string(),
+                _ => format!(
+                    "mover exited with code {} ({})",
+                    t.exit_code,
+                    t.reason.unwrap_or_else(|| "no reason".into())
+                ),
+            },
+            canceled: false,
+        },
+        None => PodState::Failed {
+            message: format!(
+                "mover pod failed: {} {}",
+                status.reason.clone().unwrap_or_default(),
+                status.message.clone().unwrap_or_default()
+            )
+            .trim()
+            .to_string(),
+            canceled: false,
+        },
+    }
+}
+
+/// A pod not running yet: why it waits (unschedulable, pulling), and whether that will never fix itself.
+fn pending(status: &PodStatus, container: Option<&ContainerStatus>) -> PodState {
+    let waiting = container.and_then(|c| c.state.as_ref()?.waiting.clone());
+    let fatal = waiting.as_ref().and_then(|w| {
+        let reason = w.reason.as_deref()?;
+        FATAL_WAITING.contains(&reason).then(|| {
+            format!(
+                "mover pod cannot start: {reason}: {}",
+                w.message.clone().unwrap_or_default()
+            )
+        })
+    });
+    let unschedulable = status.conditions.as_ref().and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            .map(|c| {
+                format!(
+                    "unschedulable: {}",
+                    c.message
+                        .clone()
+                        .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+                )
+            })
+    });
+    PodState::Pending {
+        waiting: unschedulable.or_else(|| {
+            waiting.map(|w| {
+                format!(
+                    "{} {}",
+                    w.reason.unwrap_or_default(),
+                    w.message.unwrap_or_default()
+                )
+                .trim()
+                .to_string()
+            })
+        }),
+        fatal,
     }
 }
 
