@@ -149,77 +149,9 @@ impl Config {
     }
 }
 
-/// Longest duration [`parse_go_duration`] accepts: Go's own limit (`math.MaxInt64` nanoseconds, ~292 years).
-/// Callers bound it further for what they use it for.
-pub const GO_DURATION_MAX: Duration = Duration::from_nanos(i64::MAX as u64);
-
-/// Parses a Go duration (`10m0s`, `1h30m`, `45s`, `1.5h`, `300ms`) as Velero writes `operationTimeout`.
-/// `None` for anything else, negative durations, and durations beyond [`GO_DURATION_MAX`]; never panics.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s == "0" {
-        return Some(Duration::ZERO);
-    }
-    let mut total = 0f64;
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let (secs, tail) = go_duration_segment(rest)?;
-        total += secs;
-        rest = tail;
-    }
-    Duration::try_from_secs_f64(total)
-        .ok()
-        .filter(|d| *d <= GO_DURATION_MAX)
-}
-
-/// One `<number><unit>` of a Go duration: its seconds and the rest of the text.
-fn go_duration_segment(text: &str) -> Option<(f64, &str)> {
-    let num_end = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let num: f64 = text[..num_end].parse().ok()?;
-    let rest = &text[num_end..];
-    let unit_end = rest
-        .find(|c: char| c.is_ascii_digit() || c == '.')
-        .unwrap_or(rest.len());
-    let mult = match &rest[..unit_end] {
-        "h" => 3600.0,
-        "m" => 60.0,
-        "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
-        "ns" => 1e-9,
-        _ => return None,
-    };
-    Some((num * mult, &rest[unit_end..]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("10m0s"), Some(Duration::from_secs(600)));
-        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("1.5h"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("300ms"), Some(Duration::from_millis(300)));
-        assert_eq!(
-            parse_go_duration("4h0m0s"),
-            Some(Duration::from_secs(14400))
-        );
-        assert_eq!(parse_go_duration(""), None);
-        assert_eq!(parse_go_duration("10x"), None);
-        assert_eq!(parse_go_duration("m"), None);
-    }
-
-    #[test]
-    fn absurd_durations_are_refused_not_a_panic() {
-        assert_eq!(parse_go_duration("99999999999999999999h"), None);
-    }
 
     #[test]
     fn config_defaults_and_validation() {

@@ -1,5 +1,5 @@
-//! What the controller needs from a DataUpload or a DataDownload, as one trait, so the phase machine in
-//! [`crate::reconcile`] is written once for both.
+//! What the controller needs from a DataUpload or a DataDownload, as one trait, so the phase machine is
+//! written once for both.
 
 use std::time::Duration;
 

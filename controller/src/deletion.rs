@@ -16,11 +16,15 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use crate::clock;
+use crate::config::Mover;
 use crate::context::Context;
 use crate::cr::Direction;
 use crate::error::Result;
 use crate::objects;
 use crate::pod::{self, PodPlan, PodState};
+use crate::repo::{self, RepoTarget};
+use crate::step::Step;
 
 /// Finalizer on Backups whose data Ferry moved.
 pub const BACKUP_FINALIZER: &str = "ferry.dev/backup-data";
@@ -65,12 +69,8 @@ async fn release(ctx: &Context, b: &Backup, outcome: &str) -> Result<Action> {
 
 /// Whether a maintenance pod has been pending for longer than the prepare timeout.
 fn pending_too_long(ctx: &Context, p: &Pod) -> bool {
-    p.creation_timestamp().is_some_and(|t| {
-        let secs = k8s_openapi::jiff::Timestamp::now()
-            .duration_since(t.0)
-            .as_secs();
-        secs > ctx.config.prepare_timeout().as_secs() as i64
-    })
+    p.creation_timestamp()
+        .is_some_and(|t| clock::since(t.0).as_secs() > ctx.config.prepare_timeout().as_secs())
 }
 
 /// Reconciles one Backup.
@@ -100,32 +100,42 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
     let ns = b.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(p) = objects::get_opt(&pods, &pod_name(b)).await? {
-        return match pod::state(&p) {
-            PodState::Succeeded { message, .. } => {
-                release(ctx, b, &format!("done: {message}")).await
-            }
-            PodState::Failed { message, .. }
-            | PodState::Pending {
-                fatal: Some(message),
-                ..
-            } => {
-                // The data stays (nothing was lost); the Backup must not hang in Terminating.
-                tracing::error!(backup = %b.name_any(), %message, "pruning the deleted backup's data failed");
-                release(ctx, b, &format!("failed: {message}")).await
-            }
-            PodState::Pending { waiting, .. } if pending_too_long(ctx, &p) => {
-                let why = waiting.unwrap_or_else(|| "pending".into());
-                let limit = ctx.config.prepare_timeout().as_secs();
-                release(
-                    ctx,
-                    b,
-                    &format!("failed: maintenance pod not running after {limit}s: {why}"),
-                )
-                .await
-            }
-            _ => Ok(Action::requeue(Duration::from_secs(2))),
-        };
+        return follow(b, ctx, &p).await;
     }
+    start(b, ctx, &pods).await
+}
+
+/// The maintenance pod exists: release the Backup once it ended, or never started within the prepare
+/// timeout.
+async fn follow(b: &Backup, ctx: &Context, p: &Pod) -> Result<Action> {
+    match pod::state(p) {
+        PodState::Succeeded { message, .. } => release(ctx, b, &format!("done: {message}")).await,
+        PodState::Failed { message, .. }
+        | PodState::Pending {
+            fatal: Some(message),
+            ..
+        } => {
+            // The data stays (nothing was lost); the Backup must not hang in Terminating.
+            tracing::error!(backup = %b.name_any(), %message, "pruning the deleted backup's data failed");
+            release(ctx, b, &format!("failed: {message}")).await
+        }
+        PodState::Pending { waiting, .. } if pending_too_long(ctx, p) => {
+            let why = waiting.unwrap_or_else(|| "pending".into());
+            let limit = ctx.config.prepare_timeout().as_secs();
+            release(
+                ctx,
+                b,
+                &format!("failed: maintenance pod not running after {limit}s: {why}"),
+            )
+            .await
+        }
+        _ => Ok(Action::requeue(Duration::from_secs(2))),
+    }
+}
+
+/// Starts the maintenance pod, one at a time, for the Backup's repositories.
+async fn start(b: &Backup, ctx: &Context, pods: &Api<Pod>) -> Result<Action> {
+    let ns = b.namespace().unwrap_or_default();
     // One maintenance pod at a time: two prunes of one repository could disagree on its index.
     let busy = pods
         .list(&ListParams::default().labels(&format!(
@@ -143,13 +153,27 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
         .storage_location
         .clone()
         .unwrap_or_else(|| "default".into());
-    let repo = match objects::repo_target_in(ctx, &ns, &bsl, None).await? {
-        Ok(r) => r,
-        Err(m) => return release(ctx, b, &format!("failed: {m}")).await,
+    let repo = match repo::repo_target_in(ctx, &ns, &bsl, None).await? {
+        Step::Done(r) => r,
+        Step::Fail(m) | Step::Wait { reason: m, .. } => {
+            return release(ctx, b, &format!("failed: {m}")).await;
+        }
     };
     let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
         return release(ctx, b, "skipped: mover no longer configured").await;
     };
+    let plan = maintenance_plan(b, ctx, repo, mover);
+    let mut p = pod::build(&plan, &ctx.config);
+    if let Some(l) = p.metadata.labels.as_mut() {
+        l.insert(labels::COMPONENT.to_string(), "maintenance".to_string());
+    }
+    objects::create_idempotent(pods, &p).await?;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// The maintenance pod: `ferry pod maintain` forgetting the Backup's snapshots in every namespace
+/// repository under `repo`, then pruning.
+fn maintenance_plan(b: &Backup, ctx: &Context, repo: RepoTarget, mover: Mover) -> PodPlan {
     // Snapshots carry the Backup's name as the DataUploads' `velero.io/backup-name` label gave it (names
     // are unique per location, and survive a sync into another cluster, unlike uids).
     let tag = format!(
@@ -157,9 +181,9 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
         labels::TAG_BACKUP_NAME,
         labels::velero_label_value(&b.name_any())
     );
-    let plan = PodPlan {
+    PodPlan {
         name: pod_name(b),
-        namespace: ns.clone(),
+        namespace: b.namespace().unwrap_or_default(),
         labels: std::collections::BTreeMap::from([
             (labels::OWNER_KIND.to_string(), "Backup".to_string()),
             (
@@ -196,11 +220,92 @@ async fn prune(b: &Backup, ctx: &Context) -> Result<Action> {
             ],
         ]
         .concat(),
-    };
-    let mut p = pod::build(&plan, &ctx.config);
-    if let Some(l) = p.metadata.labels.as_mut() {
-        l.insert(labels::COMPONENT.to_string(), "maintenance".to_string());
     }
-    objects::create_idempotent(&pods, &p).await?;
-    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Backup deletion's steps against kube's mock service.
+    use super::*;
+    use crate::testing::{Seen, ago, ctx, echo_or, ok, serve};
+    use http::Method;
+
+    fn backup(deleting: bool, finalizers: &[&str]) -> Backup {
+        let mut v = json!({
+            "apiVersion": "velero.io/v1", "kind": "Backup",
+            "metadata": {"name": "b1", "namespace": "velero", "uid": "bu1", "resourceVersion": "3",
+                "finalizers": finalizers},
+            "spec": {"snapshotMoveData": true, "datamover": "ferry", "storageLocation": "default"},
+        });
+        if deleting {
+            v["metadata"]["deletionTimestamp"] = json!(ago(1));
+        }
+        serde_json::from_value(v).expect("backup")
+    }
+
+    /// A patched Backup: the API server answers with the whole object.
+    fn patched_backup(s: &Seen) -> Option<http::Response<kube::client::Body>> {
+        s.is(&Method::PATCH, "/backups/b1")
+            .then(|| ok(serde_json::to_value(backup(false, &[])).expect("json")))
+    }
+
+    #[tokio::test]
+    async fn a_backup_moving_data_with_ferry_gets_the_finalizer_once() {
+        let (ctx, handle) = ctx();
+        let server = serve(handle, echo_or(patched_backup));
+        reconcile(Arc::new(backup(false, &["other/keep"])), ctx.clone())
+            .await
+            .expect("reconcile");
+        reconcile(Arc::new(backup(false, &[BACKUP_FINALIZER])), ctx)
+            .await
+            .expect("reconcile");
+        let seen = server.await.expect("server");
+        assert_eq!(seen.len(), 1, "{seen:#?}");
+        assert!(seen[0].is(&Method::PATCH, "/namespaces/velero/backups/b1"));
+        assert_eq!(
+            seen[0].body["metadata"],
+            json!({"finalizers": ["other/keep", BACKUP_FINALIZER], "resourceVersion": "3"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_maintenance_pod_releases_the_backup() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| {
+                if let Some(r) = patched_backup(s) {
+                    return Some(r);
+                }
+                s.is(&Method::GET, "/namespaces/velero/pods/ferry-prune-b1")
+                    .then(|| {
+                        ok(json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "ferry-prune-b1", "namespace": "velero"},
+                        "spec": {"nodeName": "n1", "containers": [{"name": "mover"}]},
+                        "status": {"phase": "Succeeded"}}))
+                    })
+            }),
+        );
+        let out = reconcile(
+            Arc::new(backup(true, &[BACKUP_FINALIZER, "other/keep"])),
+            ctx,
+        )
+        .await
+        .expect("reconcile");
+        let seen = server.await.expect("server");
+        assert_eq!(out, Action::await_change());
+        assert!(
+            seen.iter()
+                .any(|s| s.is(&Method::DELETE, "/pods/ferry-prune-b1")),
+            "{seen:#?}"
+        );
+        let release = seen
+            .iter()
+            .find(|s| s.is(&Method::PATCH, "/backups/b1"))
+            .unwrap_or_else(|| panic!("not released: {seen:#?}"));
+        assert_eq!(
+            release.body["metadata"]["finalizers"],
+            json!(["other/keep"])
+        );
+    }
 }

@@ -10,6 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 
+use crate::clock;
 use crate::context::FIELD_MANAGER;
 use crate::error::Result;
 
@@ -40,7 +41,7 @@ impl Election {
             return true;
         };
         let dur = spec.lease_duration_seconds.unwrap_or(15) as i64;
-        Timestamp::now().duration_since(renew.0).as_secs() > dur
+        clock::since(renew.0).as_secs() as i64 > dur
     }
 
     /// One attempt to take or renew the lease; true if we hold it afterwards.
@@ -126,5 +127,58 @@ impl Election {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Lease handling against kube's mock service.
+    use super::*;
+    use crate::testing::{ctx, echo_or, ok, serve};
+    use http::Method;
+    use serde_json::json;
+
+    fn election() -> Election {
+        Election {
+            namespace: "ferry-system".into(),
+            name: "ferry-controller".into(),
+            holder: "ctrl-0".into(),
+            duration: Duration::from_secs(15),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_lease_is_created_and_held() {
+        let (ctx, handle) = ctx();
+        let server = serve(
+            handle,
+            echo_or(|s| (s.method == Method::POST).then(|| ok(s.body.clone()))),
+        );
+        assert!(election().try_hold(&ctx.client).await.expect("hold"));
+        drop(ctx);
+        let seen = server.await.expect("server");
+        let created = seen
+            .iter()
+            .find(|s| s.is(&Method::POST, "/namespaces/ferry-system/leases"))
+            .unwrap_or_else(|| panic!("no lease created: {seen:#?}"));
+        assert_eq!(created.body["spec"]["holderIdentity"], "ctrl-0");
+        assert_eq!(created.body["spec"]["leaseDurationSeconds"], 15);
+    }
+
+    #[tokio::test]
+    async fn a_lease_another_replica_renews_is_left_alone() {
+        let (ctx, handle) = ctx();
+        let renewed = MicroTime(Timestamp::now());
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ferry-controller", "namespace": "ferry-system", "resourceVersion": "5"},
+            "spec": {"holderIdentity": "ctrl-1", "leaseDurationSeconds": 15, "renewTime": renewed}});
+        let server = serve(
+            handle,
+            echo_or(move |s| (s.method == Method::GET).then(|| ok(lease.clone()))),
+        );
+        assert!(!election().try_hold(&ctx.client).await.expect("hold"));
+        drop(ctx);
+        let seen = server.await.expect("server");
+        assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:#?}");
     }
 }

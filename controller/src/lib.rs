@@ -1,29 +1,45 @@
 //! Ferry's controller: reconciles Velero DataUpload / DataDownload resources whose `spec.datamover` is one
 //! of its mover names into one short-lived mover pod per volume. Design: `design/0002-controller.md`.
 //!
-//! * [`config`]: the configuration document.
-//! * [`cr`]: DataUpload and DataDownload behind one trait.
-//! * [`reconcile`]: the phase machine; [`upload`] and [`download`] hold what differs.
-//! * [`pod`]: the mover pod (build and read); [`objects`]: names, labels, snapshots, BSL, placement.
-//! * [`deletion`]: a deleted Velero Backup → forget and prune in the repositories (Backup finalizer).
-//! * [`leader`]: Lease leader election; [`metrics`]: the `/metrics` endpoint; [`context`]: shared state.
-//! * [`validate`]: user-written fields checked before acting; [`backoff`]: requeue delays after errors.
+//! The modules form layers; each imports only from its own layer or the ones below (checked by a test in
+//! `layers.rs`), so a reader can follow them downwards:
+//!
+//! 1. configuration and CR access: [`config`], [`error`], [`validate`] (user-written fields),
+//!    [`clock`] (every age), [`step`] (the typed outcome of a step), [`backoff`], [`context`], [`cr`]
+//!    (DataUpload and DataDownload behind one trait), [`objects`] (names, owner labels, idempotent writes);
+//! 2. the exposers, [`expose`]: [`expose::snapshot`] (CSI snapshot clone, backup) and [`expose::rebind`]
+//!    (PV rebinding, restore);
+//! 3. the mover pod: [`repo`] (the repository a BSL points to), [`pod`] (build and read), [`placement`]
+//!    (per-node limit);
+//! 4. the two flows on one state machine: [`flow`] (the `Flow` trait and the CR writes), [`phases`] (one
+//!    step per phase), [`upload`] and [`download`];
+//! 5. the top: [`reconcile`] (dispatch), [`deletion`] (a deleted Backup → forget and prune),
+//!    [`leader`] (Lease election), [`metrics`] (`/metrics`), and [`run`] here.
 
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod cr;
 pub mod deletion;
 pub mod download;
 pub mod error;
+pub mod expose;
+pub mod flow;
 pub mod leader;
 pub mod metrics;
 pub mod objects;
+pub mod phases;
+pub mod placement;
 pub mod pod;
 pub mod reconcile;
+pub mod repo;
+pub mod step;
 pub mod upload;
 pub mod validate;
 
+#[cfg(test)]
+mod layers;
 #[cfg(test)]
 mod survival;
 #[cfg(test)]

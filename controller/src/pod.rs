@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use ferry_proto::pod as contract;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, SeccompProfile,
+    Affinity, Capabilities, Container, ContainerStateTerminated, ContainerStatus,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodStatus, SeccompProfile,
     SecretKeySelector, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
     VolumeDevice, VolumeMount,
 };
@@ -16,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 
 use crate::config::{Config, Mover};
 use crate::cr::Direction;
+use crate::repo::{CaSource, RepoTarget};
 
 /// The capabilities of a mover container, after dropping ALL; each is allowed by the Pod Security
 /// "baseline" level:
@@ -32,36 +34,6 @@ pub const MOVER_CAPABILITIES: [&str; 6] = [
     "MKNOD",
     "SETFCAP",
 ];
-/// Where the repository is and how to reach it, from a BackupStorageLocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepoTarget {
-    /// `s3://bucket/prefix/plugins/ferry/<source-namespace>`.
-    pub url: String,
-    /// Custom endpoint (`s3Url`).
-    pub endpoint: Option<String>,
-    /// Region.
-    pub region: Option<String>,
-    /// Path-style addressing.
-    pub path_style: bool,
-    /// AWS profile in the credentials file.
-    pub profile: Option<String>,
-    /// Credentials Secret name and key (AWS shared-credentials format).
-    pub credentials: Option<(String, String)>,
-    /// Extra CA certificates for the endpoint (`caCert` / `caCertRef`).
-    pub ca: Option<CaSource>,
-    /// Skip server certificate verification (`insecureSkipTLSVerify`).
-    pub insecure_skip_tls_verify: bool,
-}
-
-/// Where the CA bundle of a BackupStorageLocation comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaSource {
-    /// Inline PEM (the BSL's `caCert`, decoded).
-    Pem(String),
-    /// A Secret name and key holding PEM (the BSL's `caCertRef`).
-    Secret(String, String),
-}
-
 /// Everything that goes into one mover pod.
 #[derive(Debug, Clone)]
 pub struct PodPlan {
@@ -117,168 +89,6 @@ fn field_env(name: &str, path: &str) -> EnvVar {
 
 /// Builds the pod.
 pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
-    let mut args = vec!["pod".to_string(), plan.op.clone()];
-    args.extend(plan.args.iter().cloned());
-    if plan.block {
-        args.push("--block".into());
-    }
-    args.push(format!("--report-interval={}", cfg.report_interval_seconds));
-    let mut env = vec![
-        env("FERRY_REPO", &plan.repo.url),
-        env("FERRY_PASSWORD_FILE", contract::PASSWORD_FILE),
-        env("FERRY_CACHE_DIR", contract::CACHE_PATH),
-        env("FERRY_LOG", "info"),
-        field_env("NODE_NAME", "spec.nodeName"),
-        field_env("POD_NAME", "metadata.name"),
-    ];
-    if let Some(e) = &plan.repo.endpoint {
-        env.push(self::env("FERRY_S3_ENDPOINT", e));
-    }
-    if let Some(r) = &plan.repo.region {
-        env.push(self::env("FERRY_S3_REGION", r));
-    }
-    if plan.repo.path_style {
-        env.push(self::env("FERRY_S3_PATH_STYLE", "true"));
-    }
-    if let Some(p) = &plan.repo.profile {
-        env.push(self::env("FERRY_S3_PROFILE", p));
-    }
-    if plan.repo.insecure_skip_tls_verify {
-        env.push(self::env(contract::ENV_S3_INSECURE_SKIP_TLS_VERIFY, "true"));
-    }
-    match &plan.repo.ca {
-        Some(CaSource::Pem(pem)) => env.push(self::env(contract::ENV_S3_CA_PEM, pem)),
-        Some(CaSource::Secret(name, key)) => env.push(EnvVar {
-            name: contract::ENV_S3_CA_PEM.into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: name.clone(),
-                    key: key.clone(),
-                    optional: Some(false),
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        None => {}
-    }
-    let mut volumes: Vec<Volume> = plan
-        .pvc
-        .iter()
-        .map(|pvc| Volume {
-            name: "volume".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: pvc.clone(),
-                read_only: Some(plan.direction == Direction::Backup),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    volumes.extend([
-        Volume {
-            name: "password".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(plan.password_secret.clone()),
-                items: Some(vec![KeyToPath {
-                    key: "password".into(),
-                    path: "password".into(),
-                    mode: None,
-                }]),
-                default_mode: Some(0o400),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        },
-        Volume {
-            name: "cache".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(Quantity(cfg.cache_size_limit.clone())),
-                medium: None,
-            }),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
-    ]);
-    let mut mounts = vec![
-        VolumeMount {
-            name: "password".into(),
-            mount_path: "/ferry/secrets/password".into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "cache".into(),
-            mount_path: contract::CACHE_PATH.into(),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..Default::default()
-        },
-    ];
-    let mut devices = Vec::new();
-    if plan.pvc.is_some() && plan.block {
-        devices.push(VolumeDevice {
-            name: "volume".into(),
-            device_path: contract::DEVICE_PATH.into(),
-        });
-    } else if plan.pvc.is_some() {
-        mounts.push(VolumeMount {
-            name: "volume".into(),
-            mount_path: contract::VOLUME_PATH.into(),
-            read_only: Some(plan.direction == Direction::Backup),
-            ..Default::default()
-        });
-    }
-    if let Some((secret, key)) = &plan.repo.credentials {
-        volumes.push(Volume {
-            name: "credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                items: Some(vec![KeyToPath {
-                    key: key.clone(),
-                    path: "cloud".into(),
-                    mode: None,
-                }]),
-                default_mode: Some(0o400),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "credentials".into(),
-            mount_path: contract::CREDENTIALS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        env.push(self::env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            contract::CREDENTIALS_FILE,
-        ));
-        env.push(self::env("AWS_CONFIG_FILE", "/dev/null"));
-        env.push(self::env("AWS_EC2_METADATA_DISABLED", "true"));
-    }
-    let affinity = (!plan.nodes.is_empty()).then(|| Affinity {
-        node_affinity: Some(NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                node_selector_terms: vec![NodeSelectorTerm {
-                    match_expressions: Some(vec![NodeSelectorRequirement {
-                        key: "kubernetes.io/hostname".into(),
-                        operator: "In".into(),
-                        values: Some(plan.nodes.clone()),
-                    }]),
-                    ..Default::default()
-                }],
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
     let component = BTreeMap::from([(
         ferry_proto::labels::COMPONENT.to_string(),
         "mover".to_string(),
@@ -300,7 +110,7 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
             node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
             tolerations: (!cfg.tolerations.is_empty()).then(|| cfg.tolerations.clone()),
             priority_class_name: cfg.priority_class_name.clone(),
-            affinity,
+            affinity: node_affinity(&plan.nodes),
             topology_spread_constraints: Some(vec![TopologySpreadConstraint {
                 max_skew: 1,
                 topology_key: "kubernetes.io/hostname".into(),
@@ -322,36 +132,203 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
                 }),
                 ..Default::default()
             }),
-            containers: vec![Container {
-                name: "mover".into(),
-                image: Some(plan.mover.image.clone()),
-                image_pull_policy: Some(plan.mover.image_pull_policy.clone()),
-                args: Some(args),
-                env: Some(env),
-                volume_mounts: Some(mounts),
-                volume_devices: (!devices.is_empty()).then_some(devices),
-                resources: cfg.pod_resources.clone(),
-                termination_message_policy: Some("File".into()),
-                security_context: Some(SecurityContext {
-                    privileged: Some(false),
-                    allow_privilege_escalation: Some(false),
-                    read_only_root_filesystem: Some(true),
-                    capabilities: Some(Capabilities {
-                        drop: Some(vec!["ALL".into()]),
-                        add: Some(
-                            // All within Pod Security "baseline" (design 0002, "Least privilege").
-                            MOVER_CAPABILITIES.map(String::from).to_vec(),
-                        ),
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            volumes: Some(volumes),
+            containers: vec![container(plan, cfg)],
+            volumes: Some(volumes(plan, cfg)),
             ..Default::default()
         }),
         status: None,
     }
+}
+
+/// The mover container: `ferry pod <op>` with the plan's arguments, least privilege.
+fn container(plan: &PodPlan, cfg: &Config) -> Container {
+    let mut args = vec!["pod".to_string(), plan.op.clone()];
+    args.extend(plan.args.iter().cloned());
+    if plan.block {
+        args.push("--block".into());
+    }
+    args.push(format!("--report-interval={}", cfg.report_interval_seconds));
+    let (mounts, devices) = mounts(plan);
+    Container {
+        name: "mover".into(),
+        image: Some(plan.mover.image.clone()),
+        image_pull_policy: Some(plan.mover.image_pull_policy.clone()),
+        args: Some(args),
+        env: Some(environment(&plan.repo)),
+        volume_mounts: Some(mounts),
+        volume_devices: (!devices.is_empty()).then_some(devices),
+        resources: cfg.pod_resources.clone(),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(
+                    // All within Pod Security "baseline" (design 0002, "Least privilege").
+                    MOVER_CAPABILITIES.map(String::from).to_vec(),
+                ),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The mover's environment: the repository, how to reach it, and where its secrets are mounted.
+fn environment(repo: &RepoTarget) -> Vec<EnvVar> {
+    let mut env = vec![
+        self::env("FERRY_REPO", &repo.url),
+        self::env("FERRY_PASSWORD_FILE", contract::PASSWORD_FILE),
+        self::env("FERRY_CACHE_DIR", contract::CACHE_PATH),
+        self::env("FERRY_LOG", "info"),
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_NAME", "metadata.name"),
+    ];
+    if let Some(e) = &repo.endpoint {
+        env.push(self::env("FERRY_S3_ENDPOINT", e));
+    }
+    if let Some(r) = &repo.region {
+        env.push(self::env("FERRY_S3_REGION", r));
+    }
+    if repo.path_style {
+        env.push(self::env("FERRY_S3_PATH_STYLE", "true"));
+    }
+    if let Some(p) = &repo.profile {
+        env.push(self::env("FERRY_S3_PROFILE", p));
+    }
+    if repo.insecure_skip_tls_verify {
+        env.push(self::env(contract::ENV_S3_INSECURE_SKIP_TLS_VERIFY, "true"));
+    }
+    match &repo.ca {
+        Some(CaSource::Pem(pem)) => env.push(self::env(contract::ENV_S3_CA_PEM, pem)),
+        Some(CaSource::Secret(name, key)) => env.push(EnvVar {
+            name: contract::ENV_S3_CA_PEM.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: name.clone(),
+                    key: key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        None => {}
+    }
+    if repo.credentials.is_some() {
+        env.push(self::env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            contract::CREDENTIALS_FILE,
+        ));
+        env.push(self::env("AWS_CONFIG_FILE", "/dev/null"));
+        env.push(self::env("AWS_EC2_METADATA_DISABLED", "true"));
+    }
+    env
+}
+
+/// One key of a Secret as a read-only file.
+fn secret_volume(name: &str, secret: &str, key: &str, path: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items: Some(vec![KeyToPath {
+                key: key.into(),
+                path: path.into(),
+                mode: None,
+            }]),
+            default_mode: Some(0o400),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The data volume (read-only for a backup), the password, a scratch cache, /tmp, the credentials.
+fn volumes(plan: &PodPlan, cfg: &Config) -> Vec<Volume> {
+    let mut volumes: Vec<Volume> = plan
+        .pvc
+        .iter()
+        .map(|pvc| Volume {
+            name: "volume".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.clone(),
+                read_only: Some(plan.direction == Direction::Backup),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    volumes.extend([
+        secret_volume("password", &plan.password_secret, "password", "password"),
+        Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(cfg.cache_size_limit.clone())),
+                medium: None,
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ]);
+    if let Some((secret, key)) = &plan.repo.credentials {
+        volumes.push(secret_volume("credentials", secret, key, "cloud"));
+    }
+    volumes
+}
+
+/// Where [`volumes`] go in the container: mounts, and the block device when the volume is one.
+fn mounts(plan: &PodPlan) -> (Vec<VolumeMount>, Vec<VolumeDevice>) {
+    let mount = |name: &str, path: &str, read_only: Option<bool>| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only,
+        ..Default::default()
+    };
+    let mut mounts = vec![
+        mount("password", "/ferry/secrets/password", Some(true)),
+        mount("cache", contract::CACHE_PATH, None),
+        mount("tmp", "/tmp", None),
+    ];
+    let mut devices = Vec::new();
+    if plan.pvc.is_some() && plan.block {
+        devices.push(VolumeDevice {
+            name: "volume".into(),
+            device_path: contract::DEVICE_PATH.into(),
+        });
+    } else if plan.pvc.is_some() {
+        let read_only = plan.direction == Direction::Backup;
+        mounts.push(mount("volume", contract::VOLUME_PATH, Some(read_only)));
+    }
+    if plan.repo.credentials.is_some() {
+        mounts.push(mount("credentials", contract::CREDENTIALS_DIR, Some(true)));
+    }
+    (mounts, devices)
+}
+
+/// Required node affinity to `nodes` by hostname; none when any node will do.
+fn node_affinity(nodes: &[String]) -> Option<Affinity> {
+    (!nodes.is_empty()).then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: "kubernetes.io/hostname".into(),
+                        operator: "In".into(),
+                        values: Some(nodes.to_vec()),
+                    }]),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 /// What a mover pod's status says.
@@ -426,90 +403,100 @@ pub fn state(pod: &Pod) -> PodState {
                 .trim()
                 .to_string(),
         },
-        Some("Failed") => {
-            if status.reason.as_deref() == Some("Evicted") {
-                return PodState::Failed {
-                    message: format!(
-                        "mover pod was evicted from {node}: {}",
-                        status.message.clone().unwrap_or_default()
-                    ),
-                    canceled: false,
-                };
-            }
-            match terminated {
-                Some(t) if t.exit_code == contract::EXIT_CANCELED => PodState::Failed {
-                    message: "data path canceled".into(),
-                    canceled: true,
-                },
-                Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Failed {
-                    message: format!(
-                        "mover pod was OOMKilled (exit code {}): raise podResources.limits.memory",
-                        t.exit_code
-                    ),
-                    canceled: false,
-                },
-                Some(t) => PodState::Failed {
-                    message: match t.message.as_deref().map(str::trim) {
-                        Some(m) if !m.is_empty() => m.to_string(),
-                        _ => format!(
-                            "mover exited with code {} ({})",
-                            t.exit_code,
-                            t.reason.unwrap_or_else(|| "no reason".into())
-                        ),
-                    },
-                    canceled: false,
-                },
-                None => PodState::Failed {
-                    message: format!(
-                        "mover pod failed: {} {}",
-                        status.reason.clone().unwrap_or_default(),
-                        status.message.clone().unwrap_or_default()
-                    )
-                    .trim()
-                    .to_string(),
-                    canceled: false,
-                },
-            }
-        }
+        Some("Failed") => failed(status, terminated, &node),
         Some("Running") => PodState::Running { node },
-        _ => {
-            let waiting = container.and_then(|c| c.state.as_ref()?.waiting.clone());
-            let fatal = waiting.as_ref().and_then(|w| {
-                let reason = w.reason.as_deref()?;
-                FATAL_WAITING.contains(&reason).then(|| {
-                    format!(
-                        "mover pod cannot start: {reason}: {}",
-                        w.message.clone().unwrap_or_default()
-                    )
-                })
-            });
-            let unschedulable = status.conditions.as_ref().and_then(|cs| {
-                cs.iter()
-                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-                    .map(|c| {
-                        format!(
-                            "unschedulable: {}",
-                            c.message
-                                .clone()
-                                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-                        )
-                    })
-            });
-            PodState::Pending {
-                waiting: unschedulable.or_else(|| {
-                    waiting.map(|w| {
-                        format!(
-                            "{} {}",
-                            w.reason.unwrap_or_default(),
-                            w.message.unwrap_or_default()
-                        )
-                        .trim()
-                        .to_string()
-                    })
-                }),
-                fatal,
-            }
-        }
+        _ => pending(status, container),
+    }
+}
+
+/// A Failed pod: evicted, canceled, OOM-killed, or the mover's own message.
+fn failed(
+    status: &PodStatus,
+    terminated: Option<ContainerStateTerminated>,
+    node: &str,
+) -> PodState {
+    if status.reason.as_deref() == Some("Evicted") {
+        return PodState::Failed {
+            message: format!(
+                "mover pod was evicted from {node}: {}",
+                status.message.clone().unwrap_or_default()
+            ),
+            canceled: false,
+        };
+    }
+    match terminated {
+        Some(t) if t.exit_code == contract::EXIT_CANCELED => PodState::Failed {
+            message: "data path canceled".into(),
+            canceled: true,
+        },
+        Some(t) if t.reason.as_deref() == Some("OOMKilled") => PodState::Failed {
+            message: format!(
+                "mover pod was OOMKilled (exit code {}): raise podResources.limits.memory",
+                t.exit_code
+            ),
+            canceled: false,
+        },
+        Some(t) => PodState::Failed {
+            message: match t.message.as_deref().map(str::trim) {
+                Some(m) if !m.is_empty() => m.to_string(),
+                _ => format!(
+                    "mover exited with code {} ({})",
+                    t.exit_code,
+                    t.reason.unwrap_or_else(|| "no reason".into())
+                ),
+            },
+            canceled: false,
+        },
+        None => PodState::Failed {
+            message: format!(
+                "mover pod failed: {} {}",
+                status.reason.clone().unwrap_or_default(),
+                status.message.clone().unwrap_or_default()
+            )
+            .trim()
+            .to_string(),
+            canceled: false,
+        },
+    }
+}
+
+/// A pod not running yet: why it waits (unschedulable, pulling), and whether that will never fix itself.
+fn pending(status: &PodStatus, container: Option<&ContainerStatus>) -> PodState {
+    let waiting = container.and_then(|c| c.state.as_ref()?.waiting.clone());
+    let fatal = waiting.as_ref().and_then(|w| {
+        let reason = w.reason.as_deref()?;
+        FATAL_WAITING.contains(&reason).then(|| {
+            format!(
+                "mover pod cannot start: {reason}: {}",
+                w.message.clone().unwrap_or_default()
+            )
+        })
+    });
+    let unschedulable = status.conditions.as_ref().and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            .map(|c| {
+                format!(
+                    "unschedulable: {}",
+                    c.message
+                        .clone()
+                        .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+                )
+            })
+    });
+    PodState::Pending {
+        waiting: unschedulable.or_else(|| {
+            waiting.map(|w| {
+                format!(
+                    "{} {}",
+                    w.reason.unwrap_or_default(),
+                    w.message.unwrap_or_default()
+                )
+                .trim()
+                .to_string()
+            })
+        }),
+        fatal,
     }
 }
 

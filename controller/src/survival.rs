@@ -4,65 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::velero::{Backup, DataDownload, DataUpload};
+use ferry_proto::velero::Backup;
 use http::Method;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 
 use crate::testing::*;
-
-fn ago(minutes: i64) -> String {
-    (Timestamp::now() - SignedDuration::from_mins(minutes))
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
-}
-
-fn du_json(status: Value) -> Value {
-    json!({
-        "apiVersion": "velero.io/v2alpha1", "kind": "DataUpload",
-        "metadata": {"name": "b1-x", "namespace": "velero", "uid": "u1", "resourceVersion": "7",
-            "finalizers": ["ferry.dev/cleanup"]},
-        "spec": {"snapshotType": "CSI", "csiSnapshot": {"volumeSnapshot": "vs", "storageClass": "sc"},
-            "sourcePVC": "p", "datamover": "ferry", "backupStorageLocation": "default",
-            "sourceNamespace": "app", "operationTimeout": "10m0s"},
-        "status": status,
-    })
-}
-
-fn du(status: Value, edit: impl FnOnce(&mut Value)) -> DataUpload {
-    let mut v = du_json(status);
-    edit(&mut v);
-    serde_json::from_value(v).expect("du")
-}
-
-fn dd(status: Value, edit: impl FnOnce(&mut Value)) -> DataDownload {
-    let mut v = json!({
-        "apiVersion": "velero.io/v2alpha1", "kind": "DataDownload",
-        "metadata": {"name": "r1-x", "namespace": "velero", "uid": "d1", "resourceVersion": "7",
-            "creationTimestamp": ago(1)},
-        "spec": {"targetVolume": {"pvc": "data", "pv": "", "namespace": "app"},
-            "backupStorageLocation": "default", "datamover": "ferry",
-            "snapshotID": "ab".repeat(32), "sourceNamespace": "app", "operationTimeout": "10m0s"},
-        "status": status,
-    });
-    edit(&mut v);
-    serde_json::from_value(v).expect("dd")
-}
-
-/// Replaces echo what was sent; everything else is 404 unless `route` answers.
-fn echo_or(
-    route: impl Fn(&Seen) -> Option<http::Response<kube::client::Body>> + Send + 'static,
-) -> impl Fn(&Seen) -> http::Response<kube::client::Body> + Send + 'static {
-    move |s| {
-        if let Some(r) = route(s) {
-            return r;
-        }
-        match s.method {
-            Method::PUT | Method::PATCH => ok(s.body.clone()),
-            _ => failure(404, "NotFound"),
-        }
-    }
-}
 
 fn failed_with(seen: &[Seen], needles: &[&str]) {
     let status =
@@ -75,14 +21,14 @@ fn failed_with(seen: &[Seen], needles: &[&str]) {
 }
 
 /// One reconcile of `cr` against the fake API answering with `route`; the requests it made.
-async fn run<K: crate::reconcile::Flow>(
+async fn run<K: crate::flow::Flow>(
     cr: K,
     route: impl Fn(&Seen) -> http::Response<kube::client::Body> + Send + 'static,
 ) -> Vec<Seen> {
     run_with(crate::config::Config::default(), cr, route).await
 }
 
-async fn run_with<K: crate::reconcile::Flow>(
+async fn run_with<K: crate::flow::Flow>(
     config: crate::config::Config,
     cr: K,
     route: impl Fn(&Seen) -> http::Response<kube::client::Body> + Send + 'static,
@@ -92,6 +38,34 @@ async fn run_with<K: crate::reconcile::Flow>(
     let out = crate::reconcile::reconcile(Arc::new(cr), ctx).await;
     eprintln!("reconcile: {out:?}");
     server.await.expect("server")
+}
+
+/// One reconcile of a DataUpload accepted a minute ago, against a fake API server that has it current,
+/// answers the request `failing` picks with `code` and `message`, and the rest with `more`.
+async fn accepted_du_where(
+    failing: impl Fn(&Seen) -> bool + Send + 'static,
+    code: u16,
+    message: &'static str,
+    more: fn(&Seen) -> Option<http::Response<kube::client::Body>>,
+) -> Vec<Seen> {
+    let cr = du(
+        json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
+        |_| {},
+    );
+    let current = serde_json::to_value(&cr).expect("json");
+    run(
+        cr,
+        echo_or(move |s| {
+            if s.is(&Method::GET, "/datauploads/b1-x") {
+                return Some(ok(current.clone()));
+            }
+            if failing(s) {
+                return Some(failure(code, message));
+            }
+            more(s)
+        }),
+    )
+    .await
 }
 
 fn lists(s: &Seen) -> Option<http::Response<kube::client::Body>> {
@@ -149,22 +123,11 @@ async fn an_invalid_source_namespace_fails_before_anything_is_touched() {
 
 #[tokio::test]
 async fn a_forbidden_answer_in_accepted_fails_the_cr_with_the_api_message() {
-    let cr = du(
-        json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
-        |_| {},
-    );
-    let current = serde_json::to_value(&cr).expect("json");
-    let seen = run(
-        cr,
-        echo_or(move |s| {
-            if s.is(&Method::GET, "/datauploads/b1-x") {
-                return Some(ok(current.clone()));
-            }
-            if s.path.contains("/namespaces/app/") {
-                return Some(failure(403, "volumesnapshots is forbidden in app"));
-            }
-            None
-        }),
+    let seen = accepted_du_where(
+        |s| s.path.contains("/namespaces/app/"),
+        403,
+        "volumesnapshots is forbidden in app",
+        |_| None,
     )
     .await;
     failed_with(&seen, &["forbidden in app"]);
@@ -187,22 +150,11 @@ fn ready_source_snapshot(s: &Seen) -> Option<http::Response<kube::client::Body>>
 
 #[tokio::test]
 async fn a_rejected_snapshot_clone_fails_the_cr_with_the_api_message() {
-    let cr = du(
-        json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
-        |_| {},
-    );
-    let current = serde_json::to_value(&cr).expect("json");
-    let seen = run(
-        cr,
-        echo_or(move |s| {
-            if s.is(&Method::GET, "/datauploads/b1-x") {
-                return Some(ok(current.clone()));
-            }
-            if s.is(&Method::POST, "/volumesnapshotcontents") {
-                return Some(failure(422, "spec.volumeSnapshotClassName: Invalid value"));
-            }
-            ready_source_snapshot(s)
-        }),
+    let seen = accepted_du_where(
+        |s| s.is(&Method::POST, "/volumesnapshotcontents"),
+        422,
+        "spec.volumeSnapshotClassName: Invalid value",
+        ready_source_snapshot,
     )
     .await;
     failed_with(&seen, &["spec.volumeSnapshotClassName: Invalid value"]);
@@ -262,22 +214,11 @@ fn exposed(s: &Seen) -> Option<http::Response<kube::client::Body>> {
 
 #[tokio::test]
 async fn a_rejected_mover_pod_fails_the_cr_with_the_api_message() {
-    let cr = du(
-        json!({"phase": "Accepted", "acceptedTimestamp": ago(1)}),
-        |_| {},
-    );
-    let current = serde_json::to_value(&cr).expect("json");
-    let seen = run(
-        cr,
-        echo_or(move |s| {
-            if s.is(&Method::GET, "/datauploads/b1-x") {
-                return Some(ok(current.clone()));
-            }
-            if s.is(&Method::POST, "/namespaces/velero/pods") {
-                return Some(failure(403, "violates PodSecurity \"restricted:latest\""));
-            }
-            exposed(s)
-        }),
+    let seen = accepted_du_where(
+        |s| s.is(&Method::POST, "/namespaces/velero/pods"),
+        403,
+        "violates PodSecurity \"restricted:latest\"",
+        exposed,
     )
     .await;
     assert!(
@@ -409,12 +350,10 @@ async fn progress_is_stamped_and_a_recent_stamp_keeps_the_cr_running() {
         .unwrap_or_else(|| panic!("progress not recorded: {seen:#?}"));
     assert_eq!(put.body["status"]["progress"]["bytesDone"], 40);
     assert_eq!(put.body["status"]["phase"], "InProgress");
-    assert!(
-        put.body["metadata"]["annotations"][crate::reconcile::PROGRESS_AT_ANNOTATION].is_string()
-    );
+    assert!(put.body["metadata"]["annotations"][crate::flow::PROGRESS_AT_ANNOTATION].is_string());
     // No new progress, but the last was seen 5 minutes ago: still running.
     let cr = du(in_progress, |v| {
-        v["metadata"]["annotations"] = json!({crate::reconcile::PROGRESS_AT_ANNOTATION: ago(5)});
+        v["metadata"]["annotations"] = json!({crate::flow::PROGRESS_AT_ANNOTATION: ago(5)});
     });
     let seen = run(cr, route(json!([]))).await;
     assert!(last_status(&seen).is_none(), "{seen:#?}");

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::velero::{DataDownload, DataUpload};
 use http::{Method, Request, Response};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::client::Body;
 use serde_json::{Value, json};
 
@@ -103,4 +105,61 @@ pub fn last_status(seen: &[Seen]) -> Option<Value> {
         .rev()
         .find(|s| s.method == Method::PUT && s.body["status"].is_object())
         .map(|s| s.body["status"].clone())
+}
+
+/// `minutes` ago, RFC 3339.
+pub fn ago(minutes: i64) -> String {
+    (Timestamp::now() - SignedDuration::from_mins(minutes))
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// A DataUpload of ours (`velero/b1-x`, uid `u1`) with `status`, as JSON.
+pub fn du_json(status: Value) -> Value {
+    json!({
+        "apiVersion": "velero.io/v2alpha1", "kind": "DataUpload",
+        "metadata": {"name": "b1-x", "namespace": "velero", "uid": "u1", "resourceVersion": "7",
+            "finalizers": ["ferry.dev/cleanup"]},
+        "spec": {"snapshotType": "CSI", "csiSnapshot": {"volumeSnapshot": "vs", "storageClass": "sc"},
+            "sourcePVC": "p", "datamover": "ferry", "backupStorageLocation": "default",
+            "sourceNamespace": "app", "operationTimeout": "10m0s"},
+        "status": status,
+    })
+}
+
+/// [`du_json`] with `edit` applied.
+pub fn du(status: Value, edit: impl FnOnce(&mut Value)) -> DataUpload {
+    let mut v = du_json(status);
+    edit(&mut v);
+    serde_json::from_value(v).expect("du")
+}
+
+/// A DataDownload of ours (`velero/r1-x`, uid `d1`, target `app/data`) with `status` and `edit` applied.
+pub fn dd(status: Value, edit: impl FnOnce(&mut Value)) -> DataDownload {
+    let mut v = json!({
+        "apiVersion": "velero.io/v2alpha1", "kind": "DataDownload",
+        "metadata": {"name": "r1-x", "namespace": "velero", "uid": "d1", "resourceVersion": "7",
+            "creationTimestamp": ago(1)},
+        "spec": {"targetVolume": {"pvc": "data", "pv": "", "namespace": "app"},
+            "backupStorageLocation": "default", "datamover": "ferry",
+            "snapshotID": "ab".repeat(32), "sourceNamespace": "app", "operationTimeout": "10m0s"},
+        "status": status,
+    });
+    edit(&mut v);
+    serde_json::from_value(v).expect("dd")
+}
+
+/// Replaces echo what was sent; everything else is 404 unless `route` answers.
+pub fn echo_or(
+    route: impl Fn(&Seen) -> Option<http::Response<kube::client::Body>> + Send + 'static,
+) -> impl Fn(&Seen) -> http::Response<kube::client::Body> + Send + 'static {
+    move |s| {
+        if let Some(r) = route(s) {
+            return r;
+        }
+        match s.method {
+            Method::PUT | Method::PATCH => ok(s.body.clone()),
+            _ => failure(404, "NotFound"),
+        }
+    }
 }

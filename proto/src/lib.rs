@@ -1,7 +1,8 @@
 //! Ferry's wire contracts: everything a third party could depend on lives here.
 //!
-//! * `velero` (feature `k8s`, on by default): Velero's DataUpload / DataDownload / BackupStorageLocation
-//!   resources, field for field. The storage engine builds without it, and so without kube.
+//! * `velero` and `snapshot` (feature `k8s`, on by default): Velero's DataUpload / DataDownload / BackupStorageLocation
+//!   resources, field for field, and the CSI VolumeSnapshot / VolumeSnapshotContent fields Ferry uses. The
+//!   storage engine builds without them, and so without kube.
 //! * [`result`]: the result document a mover writes to its termination message.
 //! * [`report`]: the progress Events a mover emits (protobuf payload).
 //! * [`pod`]: the mover-pod contract (paths, flags, exit codes).
@@ -13,5 +14,7 @@ pub mod labels;
 pub mod pod;
 pub mod report;
 pub mod result;
+#[cfg(feature = "k8s")]
+pub mod snapshot;
 #[cfg(feature = "k8s")]
 pub mod velero;
