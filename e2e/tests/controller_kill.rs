@@ -20,6 +20,9 @@ const MANIFEST: &str = "cd /data && find . -mindepth 1 ! -name lost+found | sort
     elif [ -f \"$f\" ]; then echo \"$f $(stat -c '%a %u %g %s %Y' \"$f\") $(md5sum < \"$f\" | cut -c1-32)\"; \
     else echo \"$f $(stat -c '%F %a %u %g %Y' \"$f\")\"; fi; done";
 
+/// A CR's terminal phase and message.
+type Ending = (String, String);
+
 struct Killer<'a> {
     c: &'a Cluster,
     kills: usize,
@@ -89,7 +92,7 @@ impl Killer<'_> {
         crs: &[(String, String)],
         cancel: Option<&str>,
         max_kills: usize,
-    ) -> Result<(Vec<(String, String)>, Option<String>)> {
+    ) -> Result<(Vec<Ending>, Option<String>)> {
         let budget = self.kills + max_kills;
         let terminal = |p: &str| matches!(p, "Completed" | "Failed" | "Canceled");
         let mut last: Vec<String> = vec![String::new(); crs.len()];
