@@ -29,8 +29,9 @@ fn default_pull_policy() -> String {
 pub struct Config {
     /// `spec.datamover` values handled, and the mover image for each. Everything else is ignored.
     pub movers: BTreeMap<String, Mover>,
-    /// Only DU/DD in this namespace (Velero's); all namespaces when unset.
-    pub watch_namespace: Option<String>,
+    /// Velero's namespace: the only one whose DU/DD (and Backups) the controller sees, and where it runs
+    /// mover pods. DU/DD elsewhere are ignored; the RBAC in `manifests/` grants nothing more.
+    pub watch_namespace: String,
     /// Mover pods per node at once.
     pub per_node_limit: usize,
     /// CRs being prepared (Accepted or Prepared) at once, cluster-wide; New CRs wait beyond that.
@@ -75,7 +76,7 @@ impl Default for Config {
                     image_pull_policy: default_pull_policy(),
                 },
             )]),
-            watch_namespace: None,
+            watch_namespace: "velero".into(),
             per_node_limit: 1,
             prepare_queue_length: 16,
             prepare_timeout_seconds: 30 * 60,
@@ -116,6 +117,12 @@ impl Config {
             if m.image.is_empty() {
                 return Err(Error::Config(format!("mover {name:?} has no image")));
             }
+        }
+        if let Err(why) = crate::validate::dns1123_label(&self.watch_namespace) {
+            return Err(Error::Config(format!(
+                "watchNamespace {:?}: {why}",
+                self.watch_namespace
+            )));
         }
         if self.per_node_limit == 0 || self.prepare_queue_length == 0 {
             return Err(Error::Config(
@@ -168,5 +175,23 @@ mod tests {
         assert_eq!(c.no_progress_timeout(), Some(Duration::from_secs(30 * 60)));
         let off = Config::from_yaml("noProgressTimeoutSeconds: 0").expect("valid");
         assert_eq!(off.no_progress_timeout(), None);
+    }
+
+    #[test]
+    fn the_watched_namespace_is_required_and_checked() {
+        assert_eq!(Config::default().watch_namespace, "velero");
+        let base = "movers: {ferry: {image: i}}\n";
+        assert_eq!(
+            Config::from_yaml(&format!("{base}watchNamespace: backups\n"))
+                .expect("valid")
+                .watch_namespace,
+            "backups"
+        );
+        for bad in ["\"\"", "Velero", "a/b", "-x"] {
+            assert!(
+                Config::from_yaml(&format!("{base}watchNamespace: {bad}\n")).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use kube::Client;
+use kube::{Api, Client};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -115,5 +115,47 @@ impl Context {
             placement: Default::default(),
             backoff: Backoff::default(),
         }
+    }
+
+    /// `K` in the watched (Velero's) namespace: the only namespace whose DU/DD, Backups, mover pods and
+    /// events the controller lists or watches.
+    pub fn watched<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    {
+        Api::namespaced(self.client.clone(), &self.config.watch_namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::velero::{Backup, DataDownload, DataUpload};
+    use k8s_openapi::api::core::v1::{Event, Pod};
+
+    /// Everything the controller lists or watches is namespaced to Velero's namespace: DU/DD elsewhere
+    /// are never seen (and the RBAC in manifests/ grants no cluster-wide access to them).
+    #[tokio::test]
+    async fn only_the_watched_namespace_is_listed_or_watched() {
+        let (ctx, _handle) = crate::testing::ctx();
+        assert_eq!(
+            ctx.watched::<DataUpload>().resource_url(),
+            "/apis/velero.io/v2alpha1/namespaces/velero/datauploads"
+        );
+        assert_eq!(
+            ctx.watched::<DataDownload>().resource_url(),
+            "/apis/velero.io/v2alpha1/namespaces/velero/datadownloads"
+        );
+        assert_eq!(
+            ctx.watched::<Backup>().resource_url(),
+            "/apis/velero.io/v1/namespaces/velero/backups"
+        );
+        assert_eq!(
+            ctx.watched::<Pod>().resource_url(),
+            "/api/v1/namespaces/velero/pods"
+        );
+        assert_eq!(
+            ctx.watched::<Event>().resource_url(),
+            "/api/v1/namespaces/velero/events"
+        );
     }
 }

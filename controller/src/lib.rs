@@ -96,10 +96,7 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    match &ctx.config.watch_namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    }
+    ctx.watched()
 }
 
 fn event_target<K>(e: Event) -> Option<ObjectRef<K>>

@@ -13,14 +13,7 @@ use crate::cr::MoverCr;
 async fn gauges(ctx: &Context) -> Vec<(String, String, f64)> {
     let mut out = Vec::new();
     let lp = ListParams::default();
-    let client = ctx.client.clone();
-    let (du, dd): (Api<DataUpload>, Api<DataDownload>) = match &ctx.config.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (du, dd): (Api<DataUpload>, Api<DataDownload>) = (ctx.watched(), ctx.watched());
     let mut counts = std::collections::BTreeMap::<(String, String), u64>::new();
     if let Ok(l) = du.list(&lp).await {
         for d in l
@@ -51,7 +44,7 @@ async fn gauges(ctx: &Context) -> Vec<(String, String, f64)> {
             n as f64,
         ));
     }
-    let pods: Api<Pod> = Api::all(client);
+    let pods: Api<Pod> = ctx.watched();
     let sel = format!(
         "{}={},{}=mover",
         ferry_proto::labels::MANAGED_BY,

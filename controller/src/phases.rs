@@ -74,13 +74,7 @@ pub async fn accept<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
 async fn prepare_slot(ctx: &Context) -> Result<Step> {
     use ferry_proto::velero::{DataDownload, DataUpload};
     let lp = ListParams::default();
-    let (du, dd): (Api<DataUpload>, Api<DataDownload>) = match &ctx.config.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(ctx.client.clone(), ns),
-            Api::namespaced(ctx.client.clone(), ns),
-        ),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-    };
+    let (du, dd): (Api<DataUpload>, Api<DataDownload>) = (ctx.watched(), ctx.watched());
     let busy = |p: Phase| matches!(p, Phase::Accepted | Phase::Prepared);
     let mut n = 0;
     for d in du.list(&lp).await?.items {

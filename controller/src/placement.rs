@@ -34,7 +34,8 @@ pub async fn free_nodes(ctx: &Context, allowed: Option<&[String]>) -> Result<Vec
     if let Some(a) = allowed {
         candidates.retain(|n| a.contains(n));
     }
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    // Mover pods run in the watched namespace only.
+    let pods: Api<Pod> = ctx.watched();
     let selector = format!(
         "{}={},{}=mover",
         labels::MANAGED_BY,

@@ -206,7 +206,7 @@ fn exposed(s: &Seen) -> Option<http::Response<kube::client::Body>> {
              "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]}),
         ));
     }
-    if get("/api/v1/pods") {
+    if get("/api/v1/namespaces/velero/pods") {
         return Some(ok(empty_list("PodList")));
     }
     None
