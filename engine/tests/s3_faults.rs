@@ -356,6 +356,17 @@ async fn s3_fault_truncated_bodies() {
         )
         .await;
     }
+    // A server claiming a 4 EiB body: the claim must not be believed (no such buffer), the body that
+    // ends early is retried like any other cut-off download.
+    b.run(
+        "huge-length",
+        src.path(),
+        vec![],
+        OK,
+        vec![data("GET", 2, Fault::HugeLength)],
+        OK,
+    )
+    .await;
     b.run(
         "truncate-forever",
         src.path(),

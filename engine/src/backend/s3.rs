@@ -31,6 +31,10 @@ use bytes::Bytes;
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
 
+/// Most bytes preallocated for a download on the server's word (`Content-Length`); bigger bodies grow
+/// as they arrive.
+const MAX_PREALLOCATION: usize = 64 << 20;
+
 /// Default [`S3Options::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`S3Options::read_timeout`].
@@ -391,7 +395,9 @@ impl S3Backend {
         };
         let expected = out.content_length().and_then(|l| usize::try_from(l).ok());
         let mut body: ByteStream = out.body;
-        let mut data = bytes::BytesMut::with_capacity(expected.unwrap_or(0));
+        // The server's claim sizes the buffer only up to a bound: a broken or hostile Content-Length
+        // must end as a clear error (the body ends early), not abort the process on a huge allocation.
+        let mut data = bytes::BytesMut::with_capacity(expected.unwrap_or(0).min(MAX_PREALLOCATION));
         loop {
             match tokio::time::timeout(self.limits.read_timeout, body.next()).await {
                 Err(_) => {

@@ -43,6 +43,9 @@ pub enum Fault {
     StallMidBody,
     /// Flip one byte in the middle of the request body before forwarding.
     CorruptRequest,
+    /// Forward, then answer with a `Content-Length` of 4 EiB (a broken or hostile server), the real body,
+    /// and close.
+    HugeLength,
 }
 
 /// When a fault applies: to matching requests number `skip + 1` to `skip + times` (counting matches).
@@ -305,6 +308,11 @@ struct Response {
 
 impl Response {
     fn encode_head(&self) -> Vec<u8> {
+        self.encode_head_claiming(self.body.len() as u64)
+    }
+
+    /// The head with `Content-Length: length`, whatever the body is.
+    fn encode_head_claiming(&self, length: u64) -> Vec<u8> {
         let mut out = format!("{}\r\n", self.head.first);
         for (n, v) in &self.head.headers {
             if [
@@ -320,7 +328,7 @@ impl Response {
             }
             out.push_str(&format!("{n}: {v}\r\n"));
         }
-        out.push_str(&format!("Content-Length: {}\r\n\r\n", self.body.len()));
+        out.push_str(&format!("Content-Length: {length}\r\n\r\n"));
         out.into_bytes()
     }
 }
@@ -448,6 +456,12 @@ async fn serve(mut client: TcpStream, upstream: String, shared: Arc<Shared>) {
                 // Let the client read what was sent before the reset discards it.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return reset(client);
+            }
+            Some(Fault::HugeLength) => {
+                let _ = client.write_all(&resp.encode_head_claiming(1 << 62)).await;
+                let _ = client.write_all(&resp.body).await;
+                let _ = client.shutdown().await;
+                return;
             }
             Some(Fault::TruncateBody) => {
                 let _ = client.write_all(&head_bytes).await;
