@@ -150,6 +150,37 @@ impl Tree {
 mod tests {
     use super::*;
 
+    /// postcard varint of `n`.
+    fn varint(mut n: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    /// Hostile counts (a tree, an index segment claiming 2^60 entries in a few bytes) are a clear format
+    /// error, never an allocation of what they claim.
+    #[test]
+    fn huge_counts_are_format_errors() {
+        let mut b = varint(u64::from(TREE_VERSION));
+        b.extend(varint(1 << 60));
+        b.extend([0u8; 16]);
+        assert!(matches!(Tree::from_bytes(&b), Err(Error::Format(_))));
+        let mut b = varint(u64::from(crate::index::INDEX_VERSION));
+        b.extend(varint(1 << 60));
+        b.extend([0u8; 16]);
+        assert!(matches!(
+            crate::index::IndexSegment::from_bytes(&b),
+            Err(Error::Format(_))
+        ));
+    }
+
     fn node(name: &[u8]) -> Node {
         Node {
             name: name.to_vec(),
