@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use ferry_engine::backend::Backend;
@@ -117,6 +118,52 @@ async fn s3_errors_are_clear() {
         .await
         .unwrap_err();
     assert!(matches!(err, ferry_engine::Error::Backend { .. }), "{err}");
+}
+
+/// An endpoint that never completes a TCP handshake (a listener whose accept queue is full, so the kernel
+/// drops new SYNs, as a firewall that drops packets would): every attempt ends at the connect timeout and
+/// the call fails clearly within the operation bound instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_connect_timeout_is_bounded() {
+    let s3 = S3Server::start().await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the accept queue (never accepted) until a connect no longer completes.
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => held.push(c),
+            _ => break,
+        }
+        assert!(held.len() < 64, "the listener accepts every handshake");
+    }
+    let mut o = s3.options("x", "");
+    o.endpoint = Some(format!("http://{addr}"));
+    o.connect_timeout = Duration::from_secs(1);
+    o.attempt_timeout = Duration::from_secs(3);
+    o.operation_timeout = Duration::from_secs(8);
+    o.max_attempts = 2;
+    let started = std::time::Instant::now();
+    let err = S3Backend::new(o)
+        .await
+        .unwrap()
+        .get("config")
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    let text = format!("{err}");
+    assert!(matches!(err, ferry_engine::Error::Backend { .. }), "{text}");
+    assert!(text.contains("config"), "the error names no key: {text}");
+    eprintln!("connect timeout after {took:?}: {text}");
+    drop(held);
 }
 
 /// An S3 endpoint behind HTTPS with a private CA: refused with a clear error when the CA is not given,
