@@ -22,10 +22,11 @@ pub fn deploy(c: &Cluster) -> Result<()> {
     let r = DEPLOYED.get_or_init(|| {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         // A clean environment: what cargo test sets for test binaries (LD_LIBRARY_PATH, CARGO_*) would
-        // change build-script fingerprints and make the release build in scripts/deploy start over.
+        // change build-script fingerprints and make the build in scripts/deploy start over; what shapes the
+        // build (CARGO_INCREMENTAL, the profile) is kept, so that build reuses what the tests built.
         let keep = [
             "PATH", "HOME", "USER", "TMPDIR", "CARGO_HOME", "RUSTUP_HOME", "CARGO_TARGET_DIR",
-            "CARGO_BUILD_JOBS", "FERRY_CACHE", "FERRY_E2E_HOME", "FERRY_PROFILE",
+            "CARGO_BUILD_JOBS", "CARGO_INCREMENTAL", "FERRY_CACHE", "FERRY_E2E_HOME", "FERRY_PROFILE",
         ];
         let mut cmd = Command::new(root.join("scripts/deploy"));
         cmd.env_clear();
