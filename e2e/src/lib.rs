@@ -315,6 +315,22 @@ impl TestNs {
                 .kubectl_output(args)
                 .unwrap_or_else(|e| format!("{e:#}"))
         };
+        // Disk or memory pressure makes the kubelet evict and refuse pods: say so first.
+        s += "==== node conditions\n";
+        s += &k(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}:{range .status.conditions[*]} {.type}={.status}{end}{\"\\n\"}{end}",
+        ]);
+        s += &format!(
+            "==== disk\n{}\n",
+            std::process::Command::new("df")
+                .args(["-h", "/", &self.cluster.home.display().to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("df: {e}"))
+        );
         s += &format!("==== namespace {} objects\n", self.ns);
         s += &k(&[
             "-n",
