@@ -51,7 +51,6 @@ use std::time::Duration;
 use ferry_proto::velero::{Backup, DataDownload, DataUpload};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -89,16 +88,6 @@ where
     out
 }
 
-fn api<K>(ctx: &Context) -> Api<K>
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    ctx.watched()
-}
-
 fn event_target<K>(e: Event) -> Option<ObjectRef<K>>
 where
     K: kube::Resource<DynamicType = ()>,
@@ -118,10 +107,10 @@ pub async fn run(ctx: Arc<Context>) {
         ferry_proto::labels::MANAGED_BY_VALUE
     ));
     let events_cfg = watcher::Config::default().labels(ferry_proto::labels::OWNER_UID);
-    let uploads = Controller::new(api::<DataUpload>(&ctx), watcher::Config::default())
-        .owns(api::<Pod>(&ctx), pods_cfg.clone())
+    let uploads = Controller::new(ctx.watched::<DataUpload>(), watcher::Config::default())
+        .owns(ctx.watched::<Pod>(), pods_cfg.clone())
         .watches(
-            api::<Event>(&ctx),
+            ctx.watched::<Event>(),
             events_cfg.clone(),
             event_target::<DataUpload>,
         )
@@ -132,9 +121,13 @@ pub async fn run(ctx: Arc<Context>) {
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let downloads = Controller::new(api::<DataDownload>(&ctx), watcher::Config::default())
-        .owns(api::<Pod>(&ctx), pods_cfg)
-        .watches(api::<Event>(&ctx), events_cfg, event_target::<DataDownload>)
+    let downloads = Controller::new(ctx.watched::<DataDownload>(), watcher::Config::default())
+        .owns(ctx.watched::<Pod>(), pods_cfg)
+        .watches(
+            ctx.watched::<Event>(),
+            events_cfg,
+            event_target::<DataDownload>,
+        )
         .shutdown_on_signal()
         .run(
             |cr, ctx| tracked(cr, ctx, reconcile::reconcile::<DataDownload>),
@@ -142,7 +135,7 @@ pub async fn run(ctx: Arc<Context>) {
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let deletions = Controller::new(api::<Backup>(&ctx), watcher::Config::default())
+    let deletions = Controller::new(ctx.watched::<Backup>(), watcher::Config::default())
         .shutdown_on_signal()
         .run(
             |b, ctx| tracked(b, ctx, deletion::reconcile),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ferry_proto::labels;
 use k8s_openapi::api::core::v1::NodeSelectorTerm;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Resource, ResourceExt};
 
 use crate::context::FIELD_MANAGER;
@@ -85,6 +85,30 @@ where
     match api.delete(name, &dp).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Merge-patches `metadata` into `o`, only if `o` is still the version read (its resourceVersion); returns
+/// whether it applied. A conflict or a vanished object means someone else changed it: the next pass
+/// re-reads and decides again.
+pub async fn patch_metadata_if_unchanged<T>(
+    api: &Api<T>,
+    o: &T,
+    mut metadata: serde_json::Value,
+) -> Result<bool>
+where
+    T: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Resource,
+{
+    metadata["resourceVersion"] = serde_json::json!(o.meta().resource_version);
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let patch = serde_json::json!({ "metadata": metadata });
+    match api.patch(&o.name_any(), &pp, &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -20,9 +20,9 @@ use serde_json::json;
 
 use super::{EXPOSE_REQUEUE, Exposure, bound_pv_nodes};
 use crate::clock;
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::Context;
 use crate::cr::MoverCr;
-use crate::error::{Result, is_conflict, is_not_found};
+use crate::error::Result;
 use crate::objects::{self, child_name, owner_labels};
 use crate::proceed;
 use crate::step::Step;
@@ -292,8 +292,11 @@ pub async fn cleanup(du: &DataUpload, ctx: &Context) -> Result<usize> {
         release_source_protection(&vss, &sel).await?;
     }
     let vscs: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
-    left += objects::delete_selected(&vscs, &sel).await?;
-    release_orphaned_contents(&ctx.client, &sel).await?;
+    let contents = objects::delete_selected(&vscs, &sel).await?;
+    if contents > 0 {
+        release_orphaned_contents(&ctx.client, &sel).await?;
+    }
+    left += contents;
     // A source snapshot never taken over (failure before the clone) is ours to release too.
     let source = source_snapshot(du);
     if !source.is_empty() {
@@ -342,20 +345,9 @@ pub async fn release_orphaned_contents(client: &Client, selector: &str) -> Resul
         if bound.is_some_and(|vs| vs.metadata.uid.as_deref() == Some(uid)) {
             continue;
         }
-        let patch = json!({"metadata": {
-            "annotations": {SNAPSHOT_BEING_DELETED: "yes"},
-            "resourceVersion": c.metadata.resource_version,
-        }});
-        let pp = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match vscs.patch(&c.name_any(), &pp, &Patch::Merge(&patch)).await {
-            Ok(_) => {
-                tracing::info!(content = %c.name_any(), "marked an orphaned snapshot content for deletion")
-            }
-            Err(e) if is_conflict(&e) || is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
+        let mark = json!({"annotations": {SNAPSHOT_BEING_DELETED: "yes"}});
+        if objects::patch_metadata_if_unchanged(&vscs, &c, mark).await? {
+            tracing::info!(content = %c.name_any(), "marked an orphaned snapshot content for deletion");
         }
     }
     Ok(())
@@ -379,21 +371,8 @@ pub async fn release_source_protection(api: &Api<VolumeSnapshot>, selector: &str
             .iter()
             .filter(|f| *f != PROVISIONER_SOURCE_FINALIZER)
             .collect();
-        // With the resourceVersion the patch only applies to the version read.
-        let patch = json!({"metadata": {
-            "finalizers": keep,
-            "resourceVersion": vs.metadata.resource_version,
-        }});
-        let pp = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match api.patch(&vs.name_any(), &pp, &Patch::Merge(&patch)).await {
-            Ok(_) => {
-                tracing::info!(snapshot = %vs.name_any(), "released a stale {PROVISIONER_SOURCE_FINALIZER}")
-            }
-            Err(e) if is_conflict(&e) || is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
+        if objects::patch_metadata_if_unchanged(api, &vs, json!({"finalizers": keep})).await? {
+            tracing::info!(snapshot = %vs.name_any(), "released a stale {PROVISIONER_SOURCE_FINALIZER}");
         }
     }
     Ok(())
