@@ -43,6 +43,13 @@ pub struct Cluster {
     pub s3: BTreeMap<String, String>,
 }
 
+/// Content and metadata of every entry under /data (the root itself excluded), one line each: run
+/// in a pod that mounts a volume at /data, it prints what a restore must reproduce.
+pub const MANIFEST: &str = "cd /data && find . -mindepth 1 ! -name lost+found | sort | while read f; do \
+    if [ -L \"$f\" ]; then echo \"$f link $(readlink \"$f\")\"; \
+    elif [ -f \"$f\" ]; then echo \"$f $(stat -c '%a %u %g %s %Y' \"$f\") $(md5sum < \"$f\" | cut -c1-32)\"; \
+    else echo \"$f $(stat -c '%F %a %u %g %Y' \"$f\")\"; fi; done";
+
 /// Component logs worth showing when a test fails.
 pub const DEFAULT_LOGS: &[&str] = &[
     "kubelet",

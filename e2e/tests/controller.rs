@@ -9,7 +9,7 @@ use ferry_e2e::ferry::{
     BSL, VELERO_NS, assert_cleaned_up, assert_no_leftovers, cr_field, data_download, data_upload,
     deploy, wait_phase, wait_terminal,
 };
-use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
+use ferry_e2e::{Cluster, DEFAULT_LOGS, MANIFEST, TestNs, script_pod};
 
 fn setup() -> Cluster {
     let c = Cluster::connect().unwrap_or_else(|e| panic!("{e:#}"));
@@ -67,12 +67,6 @@ fn take_snapshots(t: &TestNs, pvc: &str, names: &[&str]) -> Result<()> {
             .all(|n| t.jsonpath(&format!("volumesnapshot/{n}"), "{.status.readyToUse}") == "true"))
     })
 }
-
-/// Content and metadata of every entry under /data (the root itself excluded), one line each.
-const MANIFEST: &str = "cd /data && find . -mindepth 1 ! -name lost+found | sort | while read f; do \
-    if [ -L \"$f\" ]; then echo \"$f link $(readlink \"$f\")\"; \
-    elif [ -f \"$f\" ]; then echo \"$f $(stat -c '%a %u %g %s %Y' \"$f\") $(md5sum < \"$f\" | cut -c1-32)\"; \
-    else echo \"$f $(stat -c '%F %a %u %g %Y' \"$f\")\"; fi; done";
 
 /// Writes a tree with data and metadata worth checking; `mb` MiB of random data in one big file.
 fn writer_script(mb: usize) -> String {

@@ -12,13 +12,7 @@ use anyhow::{Result, bail, ensure};
 use ferry_e2e::ferry::{
     BSL, VELERO_NS, assert_cleaned_up, cr_field, data_download, data_upload, deploy, wait_terminal,
 };
-use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
-
-/// Content and metadata of every entry under /data, one line each.
-const MANIFEST: &str = "cd /data && find . -mindepth 1 ! -name lost+found | sort | while read f; do \
-    if [ -L \"$f\" ]; then echo \"$f link $(readlink \"$f\")\"; \
-    elif [ -f \"$f\" ]; then echo \"$f $(stat -c '%a %u %g %s %Y' \"$f\") $(md5sum < \"$f\" | cut -c1-32)\"; \
-    else echo \"$f $(stat -c '%F %a %u %g %Y' \"$f\")\"; fi; done";
+use ferry_e2e::{Cluster, DEFAULT_LOGS, MANIFEST, TestNs, script_pod};
 
 /// A CR's terminal phase and message.
 type Ending = (String, String);
