@@ -1,12 +1,12 @@
 //! Shared state of the reconcilers: client, configuration, identity, metrics.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use kube::{Api, Client};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// The one field manager of everything this controller writes.
 pub const FIELD_MANAGER: &str = "ferry-controller";
@@ -20,74 +20,6 @@ pub struct Identity {
     pub pod: String,
 }
 
-/// Counters exported as Prometheus text.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    transitions: Mutex<BTreeMap<(String, String), u64>>,
-    bytes: Mutex<BTreeMap<String, u64>>,
-    durations: Mutex<BTreeMap<(String, String), (f64, u64)>>,
-}
-
-impl Metrics {
-    /// A CR of `kind` entered `phase`.
-    pub fn transition(&self, kind: &str, phase: &str) {
-        *self
-            .transitions
-            .lock()
-            .expect("metrics lock")
-            .entry((kind.into(), phase.into()))
-            .or_default() += 1;
-    }
-
-    /// A CR of `kind` moved `n` bytes.
-    pub fn moved(&self, kind: &str, n: u64) {
-        *self
-            .bytes
-            .lock()
-            .expect("metrics lock")
-            .entry(kind.into())
-            .or_default() += n;
-    }
-
-    /// A CR of `kind` ended as `outcome` after `secs` seconds.
-    pub fn duration(&self, kind: &str, outcome: &str, secs: f64) {
-        let mut d = self.durations.lock().expect("metrics lock");
-        let e = d.entry((kind.into(), outcome.into())).or_default();
-        e.0 += secs;
-        e.1 += 1;
-    }
-
-    /// Prometheus text exposition; `gauges` are (name, labels, value) computed at scrape time.
-    pub fn render(&self, gauges: &[(String, String, f64)]) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP ferry_phase_transitions_total CRs that entered a phase.\n# TYPE ferry_phase_transitions_total counter\n");
-        for ((k, p), n) in self.transitions.lock().expect("metrics lock").iter() {
-            out.push_str(&format!(
-                "ferry_phase_transitions_total{{kind=\"{k}\",phase=\"{p}\"}} {n}\n"
-            ));
-        }
-        out.push_str("# HELP ferry_bytes_moved_total Logical bytes moved by completed CRs.\n# TYPE ferry_bytes_moved_total counter\n");
-        for (k, n) in self.bytes.lock().expect("metrics lock").iter() {
-            out.push_str(&format!("ferry_bytes_moved_total{{kind=\"{k}\"}} {n}\n"));
-        }
-        out.push_str("# HELP ferry_duration_seconds Acceptance to terminal phase.\n# TYPE ferry_duration_seconds summary\n");
-        for ((k, o), (sum, count)) in self.durations.lock().expect("metrics lock").iter() {
-            out.push_str(&format!(
-                "ferry_duration_seconds_sum{{kind=\"{k}\",outcome=\"{o}\"}} {sum}\nferry_duration_seconds_count{{kind=\"{k}\",outcome=\"{o}\"}} {count}\n"
-            ));
-        }
-        let mut last = String::new();
-        for (name, labels, v) in gauges {
-            if *name != last {
-                out.push_str(&format!("# TYPE {name} gauge\n"));
-                last = name.clone();
-            }
-            out.push_str(&format!("{name}{{{labels}}} {v}\n"));
-        }
-        out
-    }
-}
-
 /// What every reconcile gets.
 pub struct Context {
     /// API client.
@@ -96,8 +28,8 @@ pub struct Context {
     pub config: Config,
     /// This replica.
     pub identity: Identity,
-    /// Metrics.
-    pub metrics: Metrics,
+    /// Metrics, shared with the `/metrics` server.
+    pub metrics: Arc<Metrics>,
     /// Serialises mover-pod placement so per-node limits hold under concurrent reconciles.
     pub placement: tokio::sync::Mutex<()>,
     /// Requeue delays after failed reconciles.
@@ -109,9 +41,9 @@ impl Context {
     pub fn new(client: Client, config: Config, identity: Identity) -> Self {
         Context {
             client,
+            metrics: Arc::new(Metrics::new(&config)),
             config,
             identity,
-            metrics: Metrics::default(),
             placement: Default::default(),
             backoff: Backoff::default(),
         }

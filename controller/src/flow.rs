@@ -65,8 +65,7 @@ pub async fn update<K: MoverCr>(ctx: &Context, cr: &K, f: impl FnOnce(&mut K)) -
     };
     let out = api.replace(&cr.name_any(), &pp, &next).await?;
     if next.phase() != cr.phase() {
-        ctx.metrics
-            .transition(&K::kind(&()), &format!("{:?}", next.phase()));
+        ctx.metrics.transition(&K::kind(&()), next.phase());
         tracing::info!(kind = %K::kind(&()), name = %cr.name_any(), from = ?cr.phase(), to = ?next.phase(),
             message = next.message().unwrap_or(""), "phase");
     }
@@ -99,11 +98,7 @@ pub async fn terminal<K: MoverCr>(
     })
     .await?;
     if let Some(d) = clock::since_text(started.as_deref()) {
-        ctx.metrics.duration(
-            &K::kind(&()),
-            &format!("{phase:?}").to_lowercase(),
-            d.as_secs_f64(),
-        );
+        ctx.metrics.duration(&K::kind(&()), phase, d.as_secs_f64());
     }
     Ok(Action::requeue(Duration::from_millis(200)))
 }

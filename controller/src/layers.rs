@@ -10,16 +10,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "configuration and CR access",
         &[
-            "error", "clock", "step", "validate", "config", "backoff", "context", "cr", "objects",
+            "error", "clock", "step", "validate", "config", "backoff", "cr", "metrics", "context",
+            "objects",
         ],
     ),
     ("exposers", &["expose"]),
     ("mover pod", &["repo", "pod", "placement"]),
     ("flows", &["flow", "phases", "upload", "download"]),
-    (
-        "top",
-        &["reconcile", "deletion", "leader", "metrics", "lib"],
-    ),
+    ("top", &["reconcile", "deletion", "leader", "lib"]),
 ];
 
 /// Macros exported at the crate root, and the module defining each.

@@ -5,8 +5,9 @@
 //! `layers.rs`), so a reader can follow them downwards:
 //!
 //! 1. configuration and CR access: [`config`], [`error`], [`validate`] (user-written fields),
-//!    [`clock`] (every age), [`step`] (the typed outcome of a step), [`backoff`], [`context`], [`cr`]
-//!    (DataUpload and DataDownload behind one trait), [`objects`] (names, owner labels, idempotent writes);
+//!    [`clock`] (every age), [`step`] (the typed outcome of a step), [`backoff`], [`cr`] (DataUpload and
+//!    DataDownload behind one trait), [`metrics`] (Prometheus), [`context`], [`objects`] (names, owner
+//!    labels, idempotent writes);
 //! 2. the exposers, [`expose`]: [`expose::snapshot`] (CSI snapshot clone, backup) and [`expose::rebind`]
 //!    (PV rebinding, restore);
 //! 3. the mover pod: [`repo`] (the repository a BSL points to), [`pod`] (build and read), [`placement`]
@@ -14,7 +15,7 @@
 //! 4. the two flows on one state machine: [`flow`] (the `Flow` trait and the CR writes), [`phases`] (one
 //!    step per phase), [`upload`] and [`download`];
 //! 5. the top: [`reconcile`] (dispatch), [`deletion`] (a deleted Backup → forget and prune),
-//!    [`leader`] (Lease election), [`metrics`] (`/metrics`), and [`run`] here.
+//!    [`leader`] (Lease election), and [`run`] here.
 
 pub mod backoff;
 pub mod clock;
@@ -52,8 +53,8 @@ use ferry_proto::velero::{Backup, DataDownload, DataUpload};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 
 pub use context::{Context, Identity};
 pub use error::{Error, Result};
@@ -114,13 +115,7 @@ pub async fn run(ctx: Arc<Context>) {
             events_cfg.clone(),
             event_target::<DataUpload>,
         )
-        .shutdown_on_signal()
-        .run(
-            |cr, ctx| tracked(cr, ctx, reconcile::reconcile::<DataUpload>),
-            error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| futures::future::ready(()));
+        .shutdown_on_signal();
     let downloads = Controller::new(ctx.watched::<DataDownload>(), watcher::Config::default())
         .owns(ctx.watched::<Pod>(), pods_cfg)
         .watches(
@@ -128,7 +123,31 @@ pub async fn run(ctx: Arc<Context>) {
             events_cfg,
             event_target::<DataDownload>,
         )
-        .shutdown_on_signal()
+        .shutdown_on_signal();
+    // The mover pods, cached for the metrics gauge.
+    let (pods, writer) = reflector::store::<Pod>();
+    let mover_pods = reflector::reflector(
+        writer,
+        watcher(
+            ctx.watched::<Pod>(),
+            watcher::Config::default().labels(&objects::mover_selector()),
+        )
+        .default_backoff(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    ctx.metrics.leading(metrics::Caches {
+        uploads: uploads.store(),
+        downloads: downloads.store(),
+        pods,
+    });
+    let uploads = uploads
+        .run(
+            |cr, ctx| tracked(cr, ctx, reconcile::reconcile::<DataUpload>),
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    let downloads = downloads
         .run(
             |cr, ctx| tracked(cr, ctx, reconcile::reconcile::<DataDownload>),
             error_policy,
@@ -143,5 +162,8 @@ pub async fn run(ctx: Arc<Context>) {
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    futures::join!(uploads, downloads, deletions);
+    tokio::select! {
+        _ = futures::future::join3(uploads, downloads, deletions) => {}
+        _ = mover_pods => {}
+    }
 }

@@ -36,6 +36,16 @@ pub fn owner_selector<K: MoverCr>(cr: &K) -> String {
     format!("{}={}", labels::OWNER_UID, cr.uid().unwrap_or_default())
 }
 
+/// The label selector of every mover pod Ferry made.
+pub fn mover_selector() -> String {
+    format!(
+        "{}={},{}=mover",
+        labels::MANAGED_BY,
+        labels::MANAGED_BY_VALUE,
+        labels::COMPONENT
+    )
+}
+
 /// Controller owner reference to the CR (namespaced children only).
 pub fn owner_ref<K: MoverCr>(cr: &K) -> OwnerReference {
     OwnerReference {

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_proto::labels;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -36,12 +35,7 @@ pub async fn free_nodes(ctx: &Context, allowed: Option<&[String]>) -> Result<Vec
     }
     // Mover pods run in the watched namespace only.
     let pods: Api<Pod> = ctx.watched();
-    let selector = format!(
-        "{}={},{}=mover",
-        labels::MANAGED_BY,
-        labels::MANAGED_BY_VALUE,
-        labels::COMPONENT
-    );
+    let selector = objects::mover_selector();
     let mut load: BTreeMap<String, usize> = BTreeMap::new();
     for p in pods
         .list(&ListParams::default().labels(&selector))

@@ -499,21 +499,38 @@ fn concurrent_limit_and_controller_restart() {
             max_running <= 1,
             "{max_running} mover pods ran at once with perNodeLimit 1"
         );
-        // The metrics endpoint of a controller replica counts them.
+        // The metrics endpoint of the leading replica counts them (from its watch caches).
+        let leader = c.kubectl_output(&[
+            "-n",
+            "ferry-system",
+            "get",
+            "lease",
+            "ferry-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])?;
         let ip = c.kubectl_output(&[
             "-n",
             "ferry-system",
             "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=ferry-controller",
+            "pod",
+            leader.trim(),
             "-o",
-            "jsonpath={.items[0].status.podIP}",
+            "jsonpath={.status.podIP}",
         ])?;
         let metrics = http_get(&format!("{}:8080", ip.trim()), "/metrics")?;
+        let completed: usize = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry_crs{kind=\"DataUpload\",phase=\"Completed\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
         ensure!(
-            metrics.contains("ferry_crs{kind=\"DataUpload\",phase=\"Completed\"}")
-                && metrics.contains("ferry_active_mover_pods"),
+            completed >= names.len()
+                && metrics.contains("ferry_active_mover_pods ")
+                && metrics.contains("ferry_leader 1")
+                && metrics.contains(
+                    "ferry_phase_transitions_total{kind=\"DataUpload\",phase=\"Completed\"}"
+                ),
             "metrics lack the CR gauges:\n{metrics}"
         );
         for n in &names {

@@ -62,7 +62,7 @@ async fn main() -> Result<()> {
     let ctx = Arc::new(Context::new(client.clone(), config, identity.clone()));
     let metrics = tokio::spawn(ferry_controller::metrics::serve(
         args.metrics_addr,
-        ctx.clone(),
+        ctx.metrics.clone(),
     ));
     if args.no_leader_election {
         ferry_controller::run(ctx).await;
