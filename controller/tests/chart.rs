@@ -12,7 +12,12 @@ use ferry_controller::config::Config;
 use serde_yaml::Value;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // At run time: cargo does not rebuild a test when only the checkout moved.
+    Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .join("..")
 }
 
 fn helm() -> Result<PathBuf> {

@@ -20,7 +20,7 @@ static DEPLOYED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 /// Deploys Ferry (once per process) and the test BSL with its credentials Secret.
 pub fn deploy(c: &Cluster) -> Result<()> {
     let r = DEPLOYED.get_or_init(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = crate::manifest_dir().join("..");
         // A clean environment: what cargo test sets for test binaries (LD_LIBRARY_PATH, CARGO_*) would
         // change build-script fingerprints and make the build in scripts/deploy start over; what shapes the
         // build (CARGO_INCREMENTAL, the profile) is kept, so that build reuses what the tests built.

@@ -108,9 +108,7 @@ impl Cluster {
 
     /// Path of one of the `e2e/cluster/*` scripts.
     pub fn script(&self, name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("cluster")
-            .join(name)
+        manifest_dir().join("cluster").join(name)
     }
 
     /// A value from `cluster.env`.
@@ -442,4 +440,13 @@ pub fn script_pod(
         );
     }
     y
+}
+
+/// The e2e package's directory in the checkout under test. Read at run time (cargo sets it for test
+/// binaries): cargo does not rebuild a test when only the checkout's path changes, so the compile-time value
+/// can name another checkout (CI's clone would run the scripts of the tree the binary was first built in).
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

@@ -13,7 +13,7 @@ use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
 fn setup() -> Cluster {
     let c = Cluster::connect().unwrap_or_else(|e| panic!("{e:#}"));
     deploy(&c).unwrap_or_else(|e| panic!("{e:#}"));
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("velero/up");
+    let script = ferry_e2e::manifest_dir().join("velero/up");
     let out = Command::new(&script)
         .output()
         .expect("running e2e/velero/up");
@@ -316,8 +316,8 @@ fn velero_backup_restore_incremental() {
             ensure!(start.elapsed() < Duration::from_secs(120), "b3 created no DataUpload");
             std::thread::sleep(Duration::from_millis(100));
         }
-        let down = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("velero/down");
-        let up = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("velero/up");
+        let down = ferry_e2e::manifest_dir().join("velero/down");
+        let up = ferry_e2e::manifest_dir().join("velero/up");
         ensure!(Command::new(&down).arg("--kill").status()?.success(), "velero/down failed");
         eprintln!("scenario 5: Velero killed with DataUploads {:?}", data_uploads(&c, &b3)?);
         ensure!(Command::new(&up).status()?.success(), "velero/up failed");

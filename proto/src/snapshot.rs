@@ -248,7 +248,8 @@ mod tests {
     fn crd(file: &str) -> Value {
         let path = format!(
             "{}/../../shared/crds/snapshot/{file}",
-            env!("CARGO_MANIFEST_DIR")
+            std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string())
         );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         serde_yaml::from_str(&text).expect("CRD parses")

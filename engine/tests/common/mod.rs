@@ -153,10 +153,14 @@ pub fn tempdir() -> tempfile::TempDir {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    // At run time: the compile-time value may name another checkout (cargo does not rebuild on a moved tree).
+    Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+    )
+    .parent()
+    .unwrap()
+    .to_path_buf()
 }
 
 /// A real S3 server (versitygw, built from the Go module proxy on first use) on a free loopback port.
