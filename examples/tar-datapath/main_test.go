@@ -9,12 +9,15 @@ import (
 	"compress/gzip"
 	"context"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"math/rand/v2"
 	"net"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"os/exec"
@@ -658,6 +661,37 @@ func TestRestoreStaysInsideTheVolume(t *testing.T) {
 		_, _, err := restore(t, context.Background(), e, &pb.RestoreRequest{Repository: e.repo("p"), Volume: fsVolume(t.TempDir()), SnapshotId: id})
 		wantCode(t, err, codes.DataLoss)
 	})
+}
+
+// TestTLS reaches S3 over HTTPS (a TLS proxy in front of the test server) with the proxy's CA in ca_file, and
+// with insecure_skip_tls_verify; without either the certificate is refused.
+func TestTLS(t *testing.T) {
+	e := newEnv(t, testServer())
+	target, _ := url.Parse(s3Endpoint)
+	proxy := httptest.NewTLSServer(httputil.NewSingleHostReverseProxy(target)) // keeps the signed Host header
+	defer proxy.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: proxy.Certificate().Raw}), 0o644)
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "f"), []byte("over TLS"), 0o644)
+	ctx := context.Background()
+
+	repo := e.repo("tls")
+	repo.Endpoint = proxy.URL
+	_, _, err := backup(t, ctx, e, &pb.BackupRequest{Repository: repo, Volume: fsVolume(src)})
+	wantCode(t, err, codes.FailedPrecondition)
+
+	repo.CaFile = ca
+	_, res, err := backup(t, ctx, e, &pb.BackupRequest{Repository: repo, Volume: fsVolume(src)})
+	if err != nil {
+		t.Fatalf("with ca_file: %v", err)
+	}
+	repo.CaFile, repo.InsecureSkipTlsVerify = "", true
+	dst := t.TempDir()
+	if _, _, err := restore(t, ctx, e, &pb.RestoreRequest{Repository: repo, Volume: fsVolume(dst), SnapshotId: res.SnapshotId}); err != nil {
+		t.Fatalf("with insecure_skip_tls_verify: %v", err)
+	}
+	compareTrees(t, src, dst)
 }
 
 // TestBinary runs the built binary (./build's output, passed by ./test) over a stale socket file, asks GetInfo

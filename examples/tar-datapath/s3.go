@@ -135,6 +135,10 @@ func s3Status(ctx context.Context, what string, err error) error {
 		}
 		return status.Error(codes.Unknown, msg)
 	}
+	var certErr *tls.CertificateVerificationError
+	if errors.As(err, &certErr) {
+		return status.Error(codes.FailedPrecondition, msg) // ca_file or insecure_skip_tls_verify needed
+	}
 	var netErr net.Error
 	var opErr *net.OpError
 	if errors.As(err, &opErr) || errors.As(err, &netErr) {
