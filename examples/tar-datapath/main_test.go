@@ -11,9 +11,11 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"io/fs"
+	"log"
 	"math/rand/v2"
 	"net"
 	"net/http/httptest"
@@ -43,6 +45,10 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if !testing.Verbose() {
+		log.SetOutput(io.Discard) // the server's call log; shown with -v
+	}
 	s3Endpoint = os.Getenv("FERRY_TEST_S3_ENDPOINT")
 	access, secret := os.Getenv("FERRY_TEST_S3_ACCESS"), os.Getenv("FERRY_TEST_S3_SECRET")
 	if s3Endpoint == "" || access == "" || secret == "" {
