@@ -18,19 +18,24 @@ impl CancelOnSignals {
     /// Starts listening (on the current Tokio runtime).
     pub fn new(progress: Arc<Progress>) -> Self {
         CancelOnSignals(tokio::spawn(async move {
-            let mut term = signal(SignalKind::terminate()).ok();
-            let name = tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = async {
-                    match term.as_mut() {
-                        Some(t) => { t.recv().await; }
-                        None => std::future::pending().await,
-                    }
-                } => "SIGTERM",
-            };
+            let name = terminated().await;
             tracing::info!("{name}: canceling at the next safe point");
             progress.cancel();
         }))
+    }
+}
+
+/// Resolves with the signal's name on the first SIGTERM or SIGINT.
+pub async fn terminated() -> &'static str {
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending().await,
+            }
+        } => "SIGTERM",
     }
 }
 

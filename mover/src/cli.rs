@@ -189,6 +189,12 @@ enum Command {
     /// Mover-pod entrypoint (run by the Ferry controller inside a pod).
     #[command(subcommand, hide = true)]
     Pod(PodOp),
+    /// Serve Ferry's engine as a data path (gRPC `ferry.datapath.v1` on a unix socket) until SIGTERM.
+    Datapath {
+        /// The socket (a stale one is replaced).
+        #[arg(long, env = "FERRY_DATAPATH_SOCKET", default_value = ferry_proto::datapath::SOCKET_PATH)]
+        socket: PathBuf,
+    },
     /// Demonstrate Ferry end to end in a temporary directory.
     Demo {
         /// Work directory (default: a new temporary directory, removed afterwards).
@@ -640,6 +646,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pod(op) => {
             let (job, op) = op.into_job();
             return Ok(ferry_mover::pod::run(&ctx.target, &job, &op).await);
+        }
+        Command::Datapath { socket } => {
+            let svc = ferry_mover::datapath::EngineDataPath {
+                cache_dir: ctx.target.cache_dir.clone(),
+                cache_limit: ctx.target.cache_limit,
+            };
+            ferry_mover::datapath::serve(svc, &socket, async {
+                ferry_engine::cancel::terminated().await;
+            })
+            .await?;
         }
         Command::Demo { dir } => {
             ferry_engine::demo::run(dir, print_demo_step).await?;

@@ -8,8 +8,11 @@
 //! * [`pod`]: the mover-pod contract (paths, flags, exit codes).
 //! * [`labels`]: label and annotation keys.
 //!
-//! The gRPC data-path interface for third-party movers joins this crate later.
+//! * [`datapath`] (feature `datapath`, on by default): the gRPC data-path API `ferry.datapath.v1` between the
+//!   pod agent and a data path (generated from `proto/ferry/datapath/v1/datapath.proto`).
 
+#[cfg(feature = "datapath")]
+pub mod datapath;
 pub mod labels;
 pub mod pod;
 pub mod report;

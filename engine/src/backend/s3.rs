@@ -70,6 +70,9 @@ pub struct S3Options {
     pub credentials: Option<(String, String, Option<String>)>,
     /// Named profile of the AWS chain (e.g. from a Velero credentials file).
     pub profile: Option<String>,
+    /// AWS shared-credentials file to read instead of the default one (`~/.aws/credentials` or
+    /// `$AWS_SHARED_CREDENTIALS_FILE`): the data-path API names it per call.
+    pub credentials_file: Option<std::path::PathBuf>,
     /// Extra trusted CA certificates (PEM), on top of the system roots: the BSL's `caCert`.
     pub ca_pem: Option<Vec<u8>>,
     /// Accept any server certificate: the BSL's `insecureSkipTLSVerify`.
@@ -103,6 +106,7 @@ impl Default for S3Options {
             path_style: false,
             credentials: None,
             profile: None,
+            credentials_file: None,
             ca_pem: None,
             insecure_skip_tls_verify: false,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -294,6 +298,18 @@ impl S3Backend {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(p) = &o.profile {
             loader = loader.profile_name(p);
+        }
+        // A given region spares the chain's lookups (IMDS: seconds where no instance metadata answers).
+        if let Some(r) = &o.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(f) = &o.credentials_file {
+            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+            loader = loader.profile_files(
+                EnvConfigFiles::builder()
+                    .with_file(EnvConfigFileKind::Credentials, f)
+                    .build(),
+            );
         }
         if let Some((id, secret, token)) = &o.credentials {
             loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
