@@ -34,10 +34,14 @@ pub mod agent {
 pub const API_VERSION: &str = "v1";
 /// Environment variable naming the socket, in both containers.
 pub const ENV_SOCKET: &str = "FERRY_DATAPATH_SOCKET";
-/// Directory of the socket: an emptyDir both containers mount.
+/// Directory of the socket: an emptyDir both containers of a mover pod mount (the agent's and the data
+/// path's), read-write for both.
 pub const SOCKET_DIR: &str = "/ferry/run";
 /// The socket's default path.
 pub const SOCKET_PATH: &str = "/ferry/run/datapath.sock";
+/// Where the agent writes the endpoint's extra CA certificates (PEM) before the call, when the
+/// BackupStorageLocation names some (`Repository.ca_file` then points here).
+pub const CA_FILE: &str = "/ferry/run/ca.pem";
 
 impl GetInfoResponse {
     /// Whether the data path advertises `c`.
