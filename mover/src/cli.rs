@@ -24,8 +24,6 @@ use ferry_engine::prune::{DEFAULT_GRACE_SECONDS, PruneOptions};
 use ferry_engine::repo::Repository;
 use ferry_engine::restore::RestoreOptions;
 use ferry_engine::tree::NodeKind;
-use ferry_mover::events::Target as EventTarget;
-use ferry_mover::pod::{Job, Operation};
 use ferry_proto::result::{BackupResult, RestoreResult};
 
 /// Ferry: deduplicated, compressed, encrypted backups to a directory or S3.
@@ -186,9 +184,26 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
-    /// Mover-pod entrypoint (run by the Ferry controller inside a pod).
-    #[command(subcommand, hide = true)]
-    Pod(PodOp),
+    /// The mover pod's agent (run by the Ferry controller inside a pod): the job from $FERRY_AGENT_JOB,
+    /// the data path on its socket, Events on the CR, the termination message.
+    #[command(hide = true)]
+    Agent {
+        /// The data path's socket.
+        #[arg(long, env = "FERRY_DATAPATH_SOCKET", default_value = ferry_proto::datapath::SOCKET_PATH)]
+        socket: PathBuf,
+        /// The job (base64 protobuf ferry.agent.v1.AgentJob).
+        #[arg(long, env = "FERRY_AGENT_JOB", hide_env_values = true)]
+        job: String,
+        /// Where the result goes.
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
+        /// Emit no Events (outside a cluster).
+        #[arg(long)]
+        no_events: bool,
+        /// Seconds the data path may take to start answering.
+        #[arg(long, default_value_t = 120)]
+        connect_timeout: u64,
+    },
     /// Serve Ferry's engine as a data path (gRPC `ferry.datapath.v1` on a unix socket) until SIGTERM.
     Datapath {
         /// The socket (a stale one is replaced).
@@ -201,141 +216,6 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-}
-
-/// Which CR the pod works for, and how it reports.
-#[derive(Debug, clap::Args)]
-pub struct PodArgs {
-    /// `DataUpload` or `DataDownload`.
-    #[arg(long)]
-    pub kind: String,
-    /// CR name.
-    #[arg(long)]
-    pub name: String,
-    /// CR namespace.
-    #[arg(long)]
-    pub namespace: String,
-    /// CR uid.
-    #[arg(long)]
-    pub uid: String,
-    /// The volume is a raw block device at the contract's device path.
-    #[arg(long)]
-    pub block: bool,
-    /// Seconds between progress events.
-    #[arg(long, default_value_t = 5)]
-    pub report_interval: u64,
-    /// Where the result goes.
-    #[arg(long, default_value = "/dev/termination-log")]
-    pub termination_log: PathBuf,
-    /// Emit no Events (outside a cluster).
-    #[arg(long)]
-    pub no_events: bool,
-}
-
-/// The pod operations.
-#[derive(Debug, clap::Subcommand)]
-pub enum PodOp {
-    /// Back up the exposed volume.
-    Backup {
-        #[command(flatten)]
-        pod: PodArgs,
-        /// The source PVC as NAMESPACE/NAME: recorded as a tag, selects the parent snapshot.
-        #[arg(long)]
-        source_pvc: String,
-        /// Extra tags, K=V.
-        #[arg(long = "tag", value_parser = parse_tag)]
-        tags: Vec<(String, String)>,
-        /// Volume path (default: the contract's path for the volume mode).
-        #[arg(long)]
-        path: Option<PathBuf>,
-    },
-    /// Forget snapshots by tag in every repository under `--repo` (one per source namespace), then prune
-    /// the repositories that lost snapshots.
-    Maintain {
-        #[command(flatten)]
-        pod: PodArgs,
-        #[command(flatten)]
-        args: MaintainArgs,
-    },
-    /// Restore a snapshot into the exposed volume.
-    Restore {
-        #[command(flatten)]
-        pod: PodArgs,
-        /// Snapshot id.
-        #[arg(long)]
-        snapshot: String,
-        /// Write runs of zeros as holes.
-        #[arg(long)]
-        sparse: bool,
-        /// Volume path (default: the contract's path for the volume mode).
-        #[arg(long)]
-        path: Option<PathBuf>,
-    },
-}
-
-/// Tags and grace period of a maintenance run.
-#[derive(Debug, clap::Args)]
-pub struct MaintainArgs {
-    /// Forget snapshots carrying all these tags, K=V (repeatable), in every namespace repository.
-    #[arg(long = "forget-tag", value_parser = parse_tag, required = true)]
-    pub forget_tags: Vec<(String, String)>,
-    /// Prune grace period in seconds.
-    #[arg(long, default_value_t = DEFAULT_GRACE_SECONDS)]
-    pub grace_seconds: u64,
-}
-
-impl PodOp {
-    /// The pod's job and operation.
-    fn into_job(self) -> (Job, Operation) {
-        let (pod, op) = match self {
-            PodOp::Backup {
-                pod,
-                source_pvc,
-                tags,
-                path,
-            } => (
-                pod,
-                Operation::Backup {
-                    source_pvc,
-                    tags,
-                    path,
-                },
-            ),
-            PodOp::Restore {
-                pod,
-                snapshot,
-                sparse,
-                path,
-            } => (
-                pod,
-                Operation::Restore {
-                    snapshot,
-                    sparse,
-                    path,
-                },
-            ),
-            PodOp::Maintain { pod, args } => (
-                pod,
-                Operation::Maintain {
-                    forget_tags: args.forget_tags,
-                    grace_seconds: args.grace_seconds,
-                },
-            ),
-        };
-        let job = Job {
-            cr: EventTarget {
-                kind: pod.kind,
-                name: pod.name,
-                namespace: pod.namespace,
-                uid: pod.uid,
-            },
-            block: pod.block,
-            report_interval: Duration::from_secs(pod.report_interval),
-            termination_log: pod.termination_log,
-            events: !pod.no_events,
-        };
-        (job, op)
-    }
 }
 
 /// Parses `K=V`.
@@ -643,9 +523,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_prune(&r);
             }
         }
-        Command::Pod(op) => {
-            let (job, op) = op.into_job();
-            return Ok(ferry_mover::pod::run(&ctx.target, &job, &op).await);
+        Command::Agent {
+            socket,
+            job,
+            termination_log,
+            no_events,
+            connect_timeout,
+        } => {
+            let job = ferry_mover::agent::decode_job(&job)?;
+            let settings = ferry_mover::agent::Settings {
+                socket,
+                termination_log,
+                events: !no_events,
+                connect_timeout: Duration::from_secs(connect_timeout),
+                ..Default::default()
+            };
+            return Ok(ferry_mover::agent::run(job, &settings).await);
         }
         Command::Datapath { socket } => {
             let svc = ferry_mover::datapath::EngineDataPath {

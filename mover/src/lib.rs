@@ -1,11 +1,15 @@
-//! The mover pod's side of Ferry, on top of the storage engine (`ferry-engine`): [`pod`] runs
-//! `ferry pod backup|restore|maintain` (repository from the pod's environment, the termination message,
-//! exit codes) and [`events`] reports its progress as Kubernetes Events; [`datapath`] serves the engine as
-//! a data path of the gRPC API `ferry.datapath.v1`. The Kubernetes client lives here
-//! and only here; the `ferry` binary (`main.rs`, `cli.rs`) parses arguments and prints.
+//! The mover pod's two sides, on top of the storage engine (`ferry-engine`) and the data-path API
+//! (`ferry_proto::datapath`):
 //!
-//! Dependencies point inward: `ferry` binary → [`pod`] → [`events`] → `ferry-engine` → `ferry-proto`.
+//! * [`agent`] — `ferry agent`, the controller's side of every mover pod: reads the controller's typed job,
+//!   calls the data path over the API, reports through Kubernetes Events ([`events`]) and ends with the
+//!   termination message and exit code the controller reads. The Kubernetes client lives here and only here.
+//! * [`datapath`] — `ferry datapath`, Ferry's engine served as a data path of the API, like any third
+//!   party's.
+//!
+//! The `ferry` binary (`main.rs`, `cli.rs`) parses arguments and prints. Dependencies point inward:
+//! `ferry` binary → [`agent`] → [`events`] → `ferry-proto`; [`datapath`] → `ferry-engine` → `ferry-proto`.
 
+pub mod agent;
 pub mod datapath;
 pub mod events;
-pub mod pod;
