@@ -41,6 +41,8 @@ pub fn deploy(c: &Cluster) -> Result<()> {
             // The tests check that deleting a backup frees its data right away; no backup of the
             // same namespace runs during a prune in them.
             .env("FERRY_PRUNE_GRACE_SECONDS", "0")
+            // The Go example data path, registered as the mover "tar-example" (issue 12).
+            .env("FERRY_EXAMPLE_DATAPATH", "1")
             .output()
             .map_err(|e| format!("running scripts/deploy: {e}"))?;
         if !out.status.success() {

@@ -335,6 +335,47 @@ fn velero_backup_restore_incremental() {
         let out = velero(&c, &["backup", "create", &b4, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
         ensure!(out.contains("Completed"), "backup after the Velero restart not Completed:\n{out}");
         assert_nothing_left(&c)?;
+
+        // 6. A second data path through the same controller: the Go example (examples/tar-datapath,
+        // registered as the mover "tar-example"), driven by unmodified Velero over the data-path API.
+        let at_b5 = contents(&manifest(t, &image, "check5")?);
+        let b5 = format!("{ns}-b5");
+        let out = velero(&c, &["backup", "create", &b5, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "tar-example", "--wait"])?;
+        ensure!(out.contains("Completed"), "tar-example backup not Completed:\n{out}");
+        let dus5 = data_uploads(&c, &b5)?;
+        eprintln!("scenario 6: tar-example DataUploads {dus5:?}");
+        ensure!(dus5.len() == 3 && dus5.iter().all(|d| d.1 == "Completed" && d.4 == "tar-example" && d.2 > 0), "{dus5:?}");
+        let described = c.kubectl_output(&["-n", VELERO_NS, "describe", "dataupload", &dus5[0].0])?;
+        ensure!(described.contains("FerryCompleted"), "no progress events in kubectl describe:\n{described}");
+        assert_nothing_left(&c)?;
+        c.kubectl_output(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"])?;
+        let r5 = format!("{ns}-r5");
+        let out = velero(&c, &["restore", "create", &r5, "--from-backup", &b5, "--wait"])?;
+        ensure!(out.contains("Completed"), "tar-example restore not Completed:\n{out}");
+        t.wait("pods of b5 running", Duration::from_secs(180), || {
+            Ok(t.jsonpath("pod/p1", "{.status.phase}") == "Running" && t.jsonpath("pod/p2", "{.status.phase}") == "Running")
+        })?;
+        let restored = contents(&manifest(t, &image, "check6")?);
+        ensure!(restored == at_b5, "tar-example restored differently:\n--- b5\n{at_b5}\n--- restored\n{restored}");
+        assert_nothing_left(&c)?;
         Ok(())
     });
+}
+
+/// A manifest reduced to what every data path must keep: paths, file contents (md5) and link targets, without
+/// the manifest pods' own files.
+fn contents(m: &str) -> String {
+    m.lines()
+        .filter(|l| !l.contains("check"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [path, "link", target] => format!("{path} -> {target}"),
+                [path, .., md5] if md5.len() == 32 => format!("{path} {md5}"),
+                [path, ..] => path.to_string(),
+                [] => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
