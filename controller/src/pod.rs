@@ -561,14 +561,12 @@ fn pending(
         .find(is_fatal)
         .or_else(|| waiting_of(sidecar))
         .or_else(|| waiting_of(container));
-    let fatal = waiting.as_ref().filter(|w| is_fatal(w)).and_then(|w| {
-        let reason = w.reason.as_deref()?;
-        FATAL_WAITING.contains(&reason).then(|| {
-            format!(
-                "mover pod cannot start: {reason}: {}",
-                w.message.clone().unwrap_or_default()
-            )
-        })
+    let fatal = waiting.as_ref().filter(|w| is_fatal(w)).map(|w| {
+        format!(
+            "mover pod cannot start: {}: {}",
+            w.reason.as_deref().unwrap_or_default(),
+            w.message.as_deref().unwrap_or_default()
+        )
     });
     let unschedulable = status.conditions.as_ref().and_then(|cs| {
         cs.iter()
