@@ -8,11 +8,27 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// One data-mover name this controller answers to.
+/// One data-mover name this controller answers to: the data path of its mover pods.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mover {
-    /// Image of the mover pod (implements the contract in `ferry_proto::pod`).
+    /// Image of the data path (serves `ferry.datapath.v1` on `$FERRY_DATAPATH_SOCKET`; see
+    /// `ferry_proto::datapath`). It runs as the mover pod's native sidecar `datapath`.
+    pub image: String,
+    /// Pull policy of that image.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    /// Arguments of the data-path container (empty: the image's entrypoint serves the API as it is).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// The pod agent: the container of every mover pod that calls the data path and reports (`ferry agent`,
+/// from Ferry's mover image).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Agent {
+    /// Image holding `ferry agent`.
     pub image: String,
     /// Pull policy of that image.
     #[serde(default = "default_pull_policy")]
@@ -29,6 +45,8 @@ fn default_pull_policy() -> String {
 pub struct Config {
     /// `spec.datamover` values handled, and the mover image for each. Everything else is ignored.
     pub movers: BTreeMap<String, Mover>,
+    /// The pod agent's image (Ferry's mover image), the same for every mover.
+    pub agent: Agent,
     /// Velero's namespace: the only one whose DU/DD (and Backups) the controller sees, and where it runs
     /// mover pods. DU/DD elsewhere are ignored; the RBAC in `manifests/` grants nothing more.
     pub watch_namespace: String,
@@ -74,8 +92,14 @@ impl Default for Config {
                 Mover {
                     image: "localhost/ferry-mover:dev".into(),
                     image_pull_policy: default_pull_policy(),
+                    // The image's entrypoint is `ferry`; `ferry datapath` serves the API.
+                    args: vec!["datapath".into()],
                 },
             )]),
+            agent: Agent {
+                image: "localhost/ferry-mover:dev".into(),
+                image_pull_policy: default_pull_policy(),
+            },
             watch_namespace: "velero".into(),
             per_node_limit: 1,
             prepare_queue_length: 16,
@@ -117,6 +141,11 @@ impl Config {
             if m.image.is_empty() {
                 return Err(Error::Config(format!("mover {name:?} has no image")));
             }
+        }
+        if self.agent.image.is_empty() || self.agent.image_pull_policy.is_empty() {
+            return Err(Error::Config(
+                "agent needs an image and an imagePullPolicy".into(),
+            ));
         }
         if let Err(why) = crate::validate::dns1123_label(&self.watch_namespace) {
             return Err(Error::Config(format!(
@@ -172,6 +201,12 @@ mod tests {
         assert!(Config::from_yaml("bogus: 1").is_err());
         assert!(Config::from_yaml("cacheSizeLimit: 2GB").is_err());
         assert!(Config::from_yaml("cacheSizeLimit: 0").is_err());
+        assert!(Config::from_yaml("agent: {image: \"\"}").is_err());
+        assert!(Config::from_yaml("agent: {image: a, bogus: 1}").is_err());
+        assert_eq!(c.agent.image, "localhost/ferry-mover:dev");
+        assert_eq!(c.movers["ferry"].args, ["datapath"]);
+        let third = Config::from_yaml("movers: {acme: {image: a}}").expect("valid");
+        assert!(third.movers["acme"].args.is_empty());
         assert_eq!(c.no_progress_timeout(), Some(Duration::from_secs(30 * 60)));
         let off = Config::from_yaml("noProgressTimeoutSeconds: 0").expect("valid");
         assert_eq!(off.no_progress_timeout(), None);

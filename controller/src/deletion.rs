@@ -1,13 +1,15 @@
 //! Backup deletion. Velero never deletes a third-party mover's data, and the DeleteBackupRequest it
 //! processes is gone a moment after the Backup is, so Ferry holds a finalizer on every Backup that moved
 //! data with one of its movers. When such a Backup is being deleted (`velero backup delete`, TTL expiry),
-//! the controller runs a maintenance pod (`ferry pod maintain`) that forgets the backup's snapshots in every
+//! the controller runs a maintenance pod (a data-path Forget call) that forgets the backup's snapshots in every
 //! namespace repository under the backup's BSL and prunes them, then releases the Backup
 //! (`design/0003-backup-deletion.md`). Ferry writes nothing else on Backups.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::datapath::agent::agent_job::Call;
+use ferry_proto::datapath::{ForgetRequest, Repository};
 use ferry_proto::labels;
 use ferry_proto::velero::Backup;
 use k8s_openapi::api::core::v1::Pod;
@@ -171,16 +173,9 @@ async fn start(b: &Backup, ctx: &Context, pods: &Api<Pod>) -> Result<Action> {
     Ok(Action::requeue(Duration::from_secs(2)))
 }
 
-/// The maintenance pod: `ferry pod maintain` forgetting the Backup's snapshots in every namespace
-/// repository under `repo`, then pruning.
+/// The maintenance pod: a Forget call forgetting the Backup's snapshots in every namespace repository under
+/// `repo` (the mover's root), then pruning; no volume.
 fn maintenance_plan(b: &Backup, ctx: &Context, repo: RepoTarget, mover: Mover) -> PodPlan {
-    // Snapshots carry the Backup's name as the DataUploads' `velero.io/backup-name` label gave it (names
-    // are unique per location, and survive a sync into another cluster, unlike uids).
-    let tag = format!(
-        "{}={}",
-        labels::TAG_BACKUP_NAME,
-        labels::velero_label_value(&b.name_any())
-    );
     PodPlan {
         name: pod_name(b),
         namespace: b.namespace().unwrap_or_default(),
@@ -205,21 +200,37 @@ fn maintenance_plan(b: &Backup, ctx: &Context, repo: RepoTarget, mover: Mover) -
             block_owner_deletion: Some(false),
         },
         direction: Direction::Backup,
-        op: "maintain".into(),
         mover,
         pvc: None,
         block: false,
         nodes: Vec::new(),
+        cr: objects::cr_ref(b),
+        call: Call::Forget(forget_request(
+            b,
+            repo.repository(),
+            ctx.config.prune_grace_seconds,
+        )),
         repo,
         password_secret: ctx.config.repository_password_secret.clone(),
-        args: [
-            objects::owner_args(b),
-            vec![
-                format!("--forget-tag={tag}"),
-                format!("--grace-seconds={}", ctx.config.prune_grace_seconds),
-            ],
-        ]
-        .concat(),
+    }
+}
+
+/// Forget the snapshots of Backup `b` in `repository` (the mover's root), keeping data unreferenced for
+/// less than `grace_seconds`.
+fn forget_request(b: &Backup, repository: Repository, grace_seconds: u64) -> ForgetRequest {
+    // Snapshots carry the Backup's name as the DataUploads' `velero.io/backup-name` label gave it (names
+    // are unique per location, and survive a sync into another cluster, unlike uids).
+    ForgetRequest {
+        operation_id: b.name_any(),
+        repository: Some(repository),
+        tags: [(
+            labels::TAG_BACKUP_NAME.to_string(),
+            labels::velero_label_value(&b.name_any()),
+        )]
+        .into_iter()
+        .collect(),
+        grace_seconds,
+        deadline_unix_ms: 0,
     }
 }
 
@@ -247,6 +258,42 @@ mod tests {
     fn patched_backup(s: &Seen) -> Option<http::Response<kube::client::Body>> {
         s.is(&Method::PATCH, "/backups/b1")
             .then(|| ok(serde_json::to_value(backup(false, &[])).expect("json")))
+    }
+
+    #[tokio::test]
+    async fn the_maintenance_pod_forgets_the_backup_in_the_movers_root() {
+        let (ctx, _handle) = ctx();
+        let root = RepoTarget {
+            url: "s3://b/velero/plugins/ferry".into(),
+            bucket: "b".into(),
+            prefix: "velero/plugins/ferry".into(),
+            ..Default::default()
+        };
+        let mover = ctx.config.movers["ferry"].clone();
+        let plan = maintenance_plan(&backup(true, &[]), &ctx, root, mover);
+        let p = pod::build(&plan, &ctx.config);
+        let spec = p.spec.as_ref().expect("spec");
+        assert!(
+            spec.volumes
+                .iter()
+                .flatten()
+                .all(|v| v.persistent_volume_claim.is_none()),
+            "a maintenance pod has no volume"
+        );
+        let job = pod::tests::job_of(&p);
+        let who = job.cr.expect("cr");
+        assert_eq!((who.kind.as_str(), who.uid.as_str()), ("Backup", "bu1"));
+        let Some(Call::Forget(r)) = job.call else {
+            panic!("not a forget: {:?}", job.call)
+        };
+        assert_eq!(r.operation_id, "b1");
+        assert_eq!(
+            r.repository.expect("repository").prefix,
+            "velero/plugins/ferry"
+        );
+        assert_eq!(r.tags.len(), 1);
+        assert_eq!(r.tags[labels::TAG_BACKUP_NAME], "b1");
+        assert_eq!(r.grace_seconds, ctx.config.prune_grace_seconds);
     }
 
     #[tokio::test]

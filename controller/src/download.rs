@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use ferry_proto::datapath::agent::agent_job::Call;
+use ferry_proto::datapath::{Repository, RestoreRequest, Source, Volume};
 use ferry_proto::result::RestoreResult;
 use ferry_proto::velero::{DataDownload, DataMoveProgress};
 use kube::ResourceExt;
@@ -12,7 +14,6 @@ use crate::cr::MoverCr;
 use crate::error::Result;
 use crate::expose::{Exposure, rebind};
 use crate::flow::{Flow, delete_pods_and_pvcs, update};
-use crate::objects;
 use crate::step::Step;
 
 /// Annotation on a DataDownload: the mover's result, kept while the volume is rebound (the pod is gone
@@ -30,13 +31,8 @@ impl Flow for DataDownload {
         rebind::expose(self, ctx).await
     }
 
-    fn mover_args(&self) -> Vec<String> {
-        let mut args = objects::owner_args(self);
-        args.push(format!("--snapshot={}", self.spec.snapshot_id));
-        if self.mover_config("WriteSparseFiles") == Some("true") {
-            args.push("--sparse".into());
-        }
-        args
+    fn call(&self, repository: Repository, volume: Volume) -> Call {
+        Call::Restore(restore_request(self, repository, volume))
     }
 
     /// Stores the result on the CR first, then hands the volume over, then Completed.
@@ -83,6 +79,35 @@ impl Flow for DataDownload {
     }
 }
 
+/// The DataDownload's restore call: the snapshot, the volume, the target PVC, the `spec.dataMoverConfig`
+/// (`WriteSparseFiles` among it).
+pub fn restore_request(
+    dd: &DataDownload,
+    repository: Repository,
+    volume: Volume,
+) -> RestoreRequest {
+    RestoreRequest {
+        operation_id: dd.name_any(),
+        repository: Some(repository),
+        volume: Some(volume),
+        source: Some(Source {
+            namespace: dd.spec.target_volume.namespace.clone(),
+            pvc: dd.spec.target_volume.pvc.clone(),
+            ..Default::default()
+        }),
+        snapshot_id: dd.spec.snapshot_id.clone(),
+        backup_result: Default::default(),
+        deadline_unix_ms: 0,
+        mover_config: dd
+            .spec
+            .data_mover_config
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The restore flow's own steps against kube's mock service.
@@ -119,16 +144,23 @@ mod tests {
     }
 
     #[test]
-    fn mover_args_name_the_snapshot_and_sparse_writes() {
+    fn the_restore_request_names_the_snapshot_and_sparse_writes() {
         let cr = dd(json!(null), |v| {
             v["spec"]["dataMoverConfig"] = json!({"WriteSparseFiles": "true"})
         });
-        let args = cr.mover_args();
-        assert!(
-            args.contains(&format!("--snapshot={}", "ab".repeat(32))),
-            "{args:?}"
+        let volume = crate::pod::request_volume(true);
+        let Call::Restore(r) = cr.call(Repository::default(), volume.clone()) else {
+            panic!("not a restore")
+        };
+        assert_eq!(r.operation_id, "r1-x");
+        assert_eq!(r.snapshot_id, "ab".repeat(32));
+        assert_eq!(r.volume, Some(volume));
+        assert_eq!(r.mover_config["WriteSparseFiles"], "true");
+        let target = r.source.expect("source");
+        assert_eq!(
+            (target.namespace.as_str(), target.pvc.as_str()),
+            ("app", "data")
         );
-        assert!(args.contains(&"--sparse".to_string()), "{args:?}");
         assert_eq!(cr.stored_result(), None);
     }
 }

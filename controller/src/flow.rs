@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use ferry_proto::datapath::agent::agent_job::Call;
+use ferry_proto::datapath::{Repository, Volume};
 use ferry_proto::velero::Phase;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
@@ -31,8 +33,8 @@ pub trait Flow: MoverCr + Spec {
     fn admissible(&self, ctx: &Context) -> impl Future<Output = Result<Step>> + Send;
     /// Creates (idempotently) what the mover pod needs: the volume it mounts.
     fn expose(&self, ctx: &Context) -> impl Future<Output = Result<Step<Exposure>>> + Send;
-    /// Mover arguments after `pod backup|restore` (the pod adds `--block` itself).
-    fn mover_args(&self) -> Vec<String>;
+    /// The data-path call of the mover pod (a Backup or Restore request) on `repository` and `volume`.
+    fn call(&self, repository: Repository, volume: Volume) -> Call;
     /// The mover succeeded on `node` with `outcome` (`message`, as it wrote it): Done with the CR as it is
     /// to be Completed; Wait while something remains (restore: handing the volume over); Fail.
     fn complete(

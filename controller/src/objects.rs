@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use ferry_proto::datapath::agent::CrRef;
 use ferry_proto::labels;
 use k8s_openapi::api::core::v1::NodeSelectorTerm;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -138,14 +139,14 @@ where
     Ok(n)
 }
 
-/// The mover arguments naming the object it reports on: `--kind --name --namespace --uid`.
-pub fn owner_args<K: Resource<DynamicType = ()>>(o: &K) -> Vec<String> {
-    vec![
-        format!("--kind={}", K::kind(&())),
-        format!("--name={}", o.name_any()),
-        format!("--namespace={}", o.namespace().unwrap_or_default()),
-        format!("--uid={}", o.uid().unwrap_or_default()),
-    ]
+/// The object a mover pod's agent reports on (its Events go to it).
+pub fn cr_ref<K: Resource<DynamicType = ()>>(o: &K) -> CrRef {
+    CrRef {
+        kind: K::kind(&()).into_owned(),
+        name: o.name_any(),
+        namespace: o.namespace().unwrap_or_default(),
+        uid: o.uid().unwrap_or_default(),
+    }
 }
 
 /// The values of the `In` expressions in `terms` whose key `key_matches` (the hostnames a node affinity

@@ -13,15 +13,18 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 
 use crate::clock;
+use crate::config::Mover;
 use crate::context::Context;
-use crate::cr::{Direction, MoverCr};
+use crate::cr::MoverCr;
 use crate::error::{Error, Result};
+use crate::expose::Exposure;
 use crate::flow::{
     Flow, PROGRESS_AT_ANNOTATION, cleanup_overdue, fail, note, settle, terminal, update,
 };
 use crate::objects::{self, child_name};
 use crate::pod::{self, PodPlan, PodState};
 use crate::proceed;
+use crate::repo::RepoTarget;
 use crate::step::Step;
 use crate::{placement, repo};
 
@@ -174,27 +177,36 @@ async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
             SLOT_REQUEUE,
         ));
     }
-    let plan = PodPlan {
+    let plan = mover_plan(cr, ctx, exposure, repo, mover, free);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    objects::create_idempotent(&pods, &pod::build(&plan, &ctx.config)).await?;
+    Ok(Step::Done(()))
+}
+
+/// The mover pod of `cr`: its exposed volume, its repository, its data-path call, on one of `nodes`.
+fn mover_plan<K: Flow>(
+    cr: &K,
+    ctx: &Context,
+    exposure: Exposure,
+    repo: RepoTarget,
+    mover: Mover,
+    nodes: Vec<String>,
+) -> PodPlan {
+    PodPlan {
         name: child_name(cr),
         namespace: cr.namespace().unwrap_or_default(),
         labels: objects::owner_labels(cr),
         owner: objects::owner_ref(cr),
         direction: K::DIRECTION,
-        op: match K::DIRECTION {
-            Direction::Backup => "backup".into(),
-            Direction::Restore => "restore".into(),
-        },
         mover,
+        cr: objects::cr_ref(cr),
+        call: cr.call(repo.repository(), pod::request_volume(exposure.block)),
         pvc: Some(exposure.pvc),
         block: exposure.block,
-        nodes: free,
+        nodes,
         repo,
         password_secret: ctx.config.repository_password_secret.clone(),
-        args: cr.mover_args(),
-    };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
-    objects::create_idempotent(&pods, &pod::build(&plan, &ctx.config)).await?;
-    Ok(Step::Done(()))
+    }
 }
 
 /// Whether `cr` is the API server's current version of the object (a quorum read).
@@ -393,4 +405,107 @@ pub async fn cancel<K: Flow>(cr: &K, ctx: &Context, deleting: bool) -> Result<Ac
         Some(_) => {}
     }
     Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The mover pod each flow asks for: its agent job, decoded as the agent decodes it.
+    use super::*;
+    use crate::testing::{ctx, dd, du};
+    use ferry_proto::datapath::VolumeMode;
+    use ferry_proto::datapath::agent::agent_job::Call;
+    use ferry_proto::labels::TAG_BACKUP_NAME;
+    use ferry_proto::pod as contract;
+    use serde_json::json;
+
+    fn repo() -> RepoTarget {
+        RepoTarget {
+            url: "s3://b/velero/plugins/ferry/app".into(),
+            bucket: "b".into(),
+            prefix: "velero/plugins/ferry/app".into(),
+            region: Some("eu-1".into()),
+            ..Default::default()
+        }
+    }
+
+    /// The pod `cr` gets (inside a runtime: the mock client needs one).
+    fn pod_for<K: Flow>(cr: &K, block: bool) -> Pod {
+        let (ctx, _handle) = ctx();
+        let exposure = Exposure {
+            pvc: "ferry-x".into(),
+            block,
+            nodes: vec![],
+        };
+        let mover = ctx.config.movers["ferry"].clone();
+        let plan = mover_plan(cr, &ctx, exposure, repo(), mover, vec!["n1".into()]);
+        pod::build(&plan, &ctx.config)
+    }
+
+    #[tokio::test]
+    async fn an_upload_pod_carries_the_backup_request() {
+        let cr = du(json!(null), |v| {
+            v["metadata"]["labels"] = json!({"velero.io/backup-name": "b1"})
+        });
+        for (block, mode, path) in [
+            (false, VolumeMode::Filesystem, contract::VOLUME_PATH),
+            (true, VolumeMode::Block, contract::DEVICE_PATH),
+        ] {
+            let job = pod::tests::job_of(&pod_for(&cr, block));
+            let who = job.cr.expect("cr");
+            assert_eq!(
+                (
+                    who.kind.as_str(),
+                    who.name.as_str(),
+                    who.namespace.as_str(),
+                    who.uid.as_str()
+                ),
+                ("DataUpload", "b1-x", "velero", "u1")
+            );
+            let Some(Call::Backup(r)) = job.call else {
+                panic!("not a backup: {:?}", job.call)
+            };
+            assert_eq!(r.operation_id, "b1-x");
+            let volume = r.volume.expect("volume");
+            assert_eq!((volume.mode(), volume.path.as_str()), (mode, path));
+            let repository = r.repository.expect("repository");
+            assert_eq!(
+                (repository.bucket.as_str(), repository.prefix.as_str()),
+                ("b", "velero/plugins/ferry/app")
+            );
+            assert_eq!(repository.region, "eu-1");
+            assert_eq!(repository.password_file, contract::PASSWORD_FILE);
+            assert_eq!(r.tags[TAG_BACKUP_NAME], "b1");
+            assert_eq!(r.source.expect("source").pvc, "p");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_download_pod_carries_the_restore_request_with_sparse_writes() {
+        let cr = dd(json!(null), |v| {
+            v["spec"]["dataMoverConfig"] = json!({"WriteSparseFiles": "true"})
+        });
+        let p = pod_for(&cr, false);
+        let read_only = p.spec.as_ref().and_then(|s| {
+            let mounts = s.init_containers.as_ref()?[0].volume_mounts.as_ref()?;
+            mounts
+                .iter()
+                .find(|m| m.mount_path == contract::VOLUME_PATH)?
+                .read_only
+        });
+        assert_eq!(read_only, Some(false), "a restore writes its volume");
+        let job = pod::tests::job_of(&p);
+        assert_eq!(job.cr.expect("cr").kind, "DataDownload");
+        let Some(Call::Restore(r)) = job.call else {
+            panic!("not a restore: {:?}", job.call)
+        };
+        assert_eq!(r.operation_id, "r1-x");
+        assert_eq!(r.snapshot_id, "ab".repeat(32));
+        assert_eq!(r.mover_config["WriteSparseFiles"], "true");
+        assert_eq!(r.volume.expect("volume").mode(), VolumeMode::Filesystem);
+        let target = r.source.expect("source");
+        assert_eq!(
+            (target.namespace.as_str(), target.pvc.as_str()),
+            ("app", "data")
+        );
+    }
 }

@@ -1,31 +1,44 @@
-//! The mover pod: how it is built (the contract in `ferry_proto::pod`) and how its status is read. The pod
-//! decides the outcome: phase, exit code and termination message, never events.
+//! The mover pod: how it is built and how its status is read. The pod decides the outcome: phase, exit
+//! code and termination message of its `mover` container, never events.
+//!
+//! Two containers share the run directory ([`ferry_proto::datapath::SOCKET_DIR`]): the data path (the CR's
+//! mover image) runs as a native sidecar, the init container `datapath` with `restartPolicy: Always`, and
+//! serves `ferry.datapath.v1` on the unix socket; the pod agent (`ferry agent`), the regular container
+//! `mover`, reads its one typed request (the protobuf [`AgentJob`], base64 in `FERRY_AGENT_JOB`), makes the
+//! call, reports Events and ends the pod with the exit code and termination message of the contract in
+//! `ferry_proto::pod`. The kubelet stops the sidecar once the agent has exited.
 
 use std::collections::BTreeMap;
 
+use base64::Engine as _;
+use ferry_proto::datapath::agent::{AgentJob, CrRef, ENV_JOB, agent_job::Call};
+use ferry_proto::datapath::{self, ENV_SOCKET, SOCKET_DIR, SOCKET_PATH, VolumeMode};
 use ferry_proto::pod as contract;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerStateTerminated, ContainerStatus,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodStatus, SeccompProfile,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
-    VolumeDevice, VolumeMount,
+    Affinity, Capabilities, Container, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, NodeAffinity,
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodStatus,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeDevice, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use prost::Message as _;
 
 use crate::config::{Config, Mover};
 use crate::cr::Direction;
 use crate::repo::{CaSource, RepoTarget};
 
-/// The capabilities of a mover container, after dropping ALL; each is allowed by the Pod Security
+/// The capabilities of the data-path container, after dropping ALL; each is allowed by the Pod Security
 /// "baseline" level:
 /// * `DAC_OVERRIDE`: read every file and search every directory of a volume whatever its modes (backup),
 ///   write into directories restored read-only (restore);
 /// * `CHOWN`, `FOWNER`, `FSETID`: restore owners, modes, times and set-id bits as recorded;
 /// * `MKNOD`: restore device nodes and FIFOs;
 /// * `SETFCAP`: restore file capabilities (`security.capability` xattrs).
+///
+/// The agent container gets none.
 pub const MOVER_CAPABILITIES: [&str; 6] = [
     "CHOWN",
     "DAC_OVERRIDE",
@@ -34,6 +47,12 @@ pub const MOVER_CAPABILITIES: [&str; 6] = [
     "MKNOD",
     "SETFCAP",
 ];
+
+/// Name of the agent container, whose exit code and termination message are the pod's outcome.
+pub const AGENT_CONTAINER: &str = "mover";
+/// Name of the data-path container (a native sidecar).
+pub const DATAPATH_CONTAINER: &str = "datapath";
+
 /// Everything that goes into one mover pod.
 #[derive(Debug, Clone)]
 pub struct PodPlan {
@@ -47,9 +66,7 @@ pub struct PodPlan {
     pub owner: OwnerReference,
     /// Backup or restore (maintenance pods: backup, which only matters for read-only mounts).
     pub direction: Direction,
-    /// The `pod` operation: `backup`, `restore` or `maintain`.
-    pub op: String,
-    /// Mover image.
+    /// The data path: image, pull policy, arguments.
     pub mover: Mover,
     /// PVC to mount (none for maintenance).
     pub pvc: Option<String>,
@@ -57,12 +74,41 @@ pub struct PodPlan {
     pub block: bool,
     /// Nodes the pod may run on (empty = anywhere).
     pub nodes: Vec<String>,
-    /// Repository.
+    /// Repository: the Secrets to mount and the CA the agent writes (the call names the rest).
     pub repo: RepoTarget,
     /// Password Secret name (key `password`).
     pub password_secret: String,
-    /// Mover arguments after `pod backup|restore` (`--block` is added from `block`).
-    pub args: Vec<String>,
+    /// The object the agent reports on.
+    pub cr: CrRef,
+    /// The data-path call the agent makes.
+    pub call: Call,
+}
+
+/// The volume of a mover pod as the data-path API names it: where [`build`] mounts or attaches it.
+pub fn request_volume(block: bool) -> datapath::Volume {
+    if block {
+        datapath::Volume {
+            mode: VolumeMode::Block.into(),
+            path: contract::DEVICE_PATH.into(),
+        }
+    } else {
+        datapath::Volume {
+            mode: VolumeMode::Filesystem.into(),
+            path: contract::VOLUME_PATH.into(),
+        }
+    }
+}
+
+/// The agent's job, as its `FERRY_AGENT_JOB` holds it: the protobuf [`AgentJob`], base64 (standard).
+pub fn agent_job(plan: &PodPlan, cfg: &Config) -> String {
+    let job = AgentJob {
+        cr: Some(plan.cr.clone()),
+        report_interval_seconds: u32::try_from(cfg.report_interval_seconds)
+            .unwrap_or(u32::MAX)
+            .max(1),
+        call: Some(plan.call.clone()),
+    };
+    base64::engine::general_purpose::STANDARD.encode(job.encode_to_vec())
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -123,7 +169,8 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
             }]),
             security_context: Some(PodSecurityContext {
                 // Root without privilege: reading every file of a volume (backup) and restoring owners,
-                // modes and device nodes (restore) need the capabilities below and nothing more.
+                // modes and device nodes (restore) need the data path's capabilities and nothing more.
+                // The agent is root too (to use the socket the data path creates) but has none.
                 run_as_user: Some(0),
                 run_as_group: Some(0),
                 seccomp_profile: Some(SeccompProfile {
@@ -132,7 +179,8 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
                 }),
                 ..Default::default()
             }),
-            containers: vec![container(plan, cfg)],
+            init_containers: Some(vec![datapath_container(plan, cfg)]),
+            containers: vec![agent_container(plan, cfg)],
             volumes: Some(volumes(plan, cfg)),
             ..Default::default()
         }),
@@ -140,68 +188,63 @@ pub fn build(plan: &PodPlan, cfg: &Config) -> Pod {
     }
 }
 
-/// The mover container: `ferry pod <op>` with the plan's arguments, least privilege.
-fn container(plan: &PodPlan, cfg: &Config) -> Container {
-    let mut args = vec!["pod".to_string(), plan.op.clone()];
-    args.extend(plan.args.iter().cloned());
-    if plan.block {
-        args.push("--block".into());
-    }
-    args.push(format!("--report-interval={}", cfg.report_interval_seconds));
-    let (mounts, devices) = mounts(plan);
-    Container {
-        name: "mover".into(),
-        image: Some(plan.mover.image.clone()),
-        image_pull_policy: Some(plan.mover.image_pull_policy.clone()),
-        args: Some(args),
-        env: Some(environment(&plan.repo)),
-        volume_mounts: Some(mounts),
-        volume_devices: (!devices.is_empty()).then_some(devices),
-        resources: cfg.pod_resources.clone(),
-        termination_message_policy: Some("File".into()),
-        security_context: Some(SecurityContext {
-            privileged: Some(false),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: Some(
-                    // All within Pod Security "baseline" (design 0002, "Least privilege").
-                    MOVER_CAPABILITIES.map(String::from).to_vec(),
-                ),
-            }),
-            ..Default::default()
+/// The security context of both containers: nothing privileged, a read-only root, ALL dropped, `add` back.
+fn security_context(add: &[&str]) -> SecurityContext {
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: (!add.is_empty()).then(|| add.iter().map(|c| c.to_string()).collect()),
         }),
         ..Default::default()
     }
 }
 
-/// The mover's environment: the repository, how to reach it, and where its secrets are mounted.
-fn environment(repo: &RepoTarget) -> Vec<EnvVar> {
+fn mount(name: &str, path: &str, read_only: Option<bool>) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only,
+        ..Default::default()
+    }
+}
+
+/// The data path, a native sidecar (an init container that keeps running): the mover image with the
+/// mover's arguments, serving on [`SOCKET_PATH`]; the volume, the Secrets, the cache, least privilege.
+fn datapath_container(plan: &PodPlan, cfg: &Config) -> Container {
+    let (mut mounts, devices) = mounts(plan);
+    mounts.push(mount("run", SOCKET_DIR, None));
+    Container {
+        name: DATAPATH_CONTAINER.into(),
+        image: Some(plan.mover.image.clone()),
+        image_pull_policy: Some(plan.mover.image_pull_policy.clone()),
+        args: (!plan.mover.args.is_empty()).then(|| plan.mover.args.clone()),
+        restart_policy: Some("Always".into()),
+        env: Some(datapath_environment(&plan.repo)),
+        volume_mounts: Some(mounts),
+        volume_devices: (!devices.is_empty()).then_some(devices),
+        resources: cfg.pod_resources.clone(),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // All within Pod Security "baseline" (design 0002, "Least privilege").
+        security_context: Some(security_context(&MOVER_CAPABILITIES)),
+        ..Default::default()
+    }
+}
+
+/// The agent: `ferry agent` with its job, the socket and the CA it writes for the data path; no
+/// capabilities, no volume but the run directory and its own /tmp.
+fn agent_container(plan: &PodPlan, cfg: &Config) -> Container {
     let mut env = vec![
-        self::env("FERRY_REPO", &repo.url),
-        self::env("FERRY_PASSWORD_FILE", contract::PASSWORD_FILE),
-        self::env("FERRY_CACHE_DIR", contract::CACHE_PATH),
+        self::env(ENV_JOB, &agent_job(plan, cfg)),
+        self::env(ENV_SOCKET, SOCKET_PATH),
         self::env("FERRY_LOG", "info"),
         field_env("NODE_NAME", "spec.nodeName"),
         field_env("POD_NAME", "metadata.name"),
     ];
-    if let Some(e) = &repo.endpoint {
-        env.push(self::env("FERRY_S3_ENDPOINT", e));
-    }
-    if let Some(r) = &repo.region {
-        env.push(self::env("FERRY_S3_REGION", r));
-    }
-    if repo.path_style {
-        env.push(self::env("FERRY_S3_PATH_STYLE", "true"));
-    }
-    if let Some(p) = &repo.profile {
-        env.push(self::env("FERRY_S3_PROFILE", p));
-    }
-    if repo.insecure_skip_tls_verify {
-        env.push(self::env(contract::ENV_S3_INSECURE_SKIP_TLS_VERIFY, "true"));
-    }
-    match &repo.ca {
+    // The agent writes it to `ferry_proto::datapath::CA_FILE`, which the request names.
+    match &plan.repo.ca {
         Some(CaSource::Pem(pem)) => env.push(self::env(contract::ENV_S3_CA_PEM, pem)),
         Some(CaSource::Secret(name, key)) => env.push(EnvVar {
             name: contract::ENV_S3_CA_PEM.into(),
@@ -217,6 +260,40 @@ fn environment(repo: &RepoTarget) -> Vec<EnvVar> {
         }),
         None => {}
     }
+    let quantity = |q: &str| Quantity(q.into());
+    Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(cfg.agent.image.clone()),
+        image_pull_policy: Some(cfg.agent.image_pull_policy.clone()),
+        args: Some(vec!["agent".into()]),
+        env: Some(env),
+        volume_mounts: Some(vec![
+            mount("run", SOCKET_DIR, None),
+            mount("agent-tmp", "/tmp", None),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), quantity("10m")),
+                ("memory".to_string(), quantity("32Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), quantity("128Mi"))])),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(security_context(&[])),
+        ..Default::default()
+    }
+}
+
+/// The data path's environment: its socket, its cache, and how the AWS SDK finds the mounted credentials.
+/// The repository itself is in the request.
+fn datapath_environment(repo: &RepoTarget) -> Vec<EnvVar> {
+    let mut env = vec![
+        self::env(ENV_SOCKET, SOCKET_PATH),
+        self::env("FERRY_CACHE_DIR", contract::CACHE_PATH),
+        self::env("FERRY_LOG", "info"),
+        field_env("NODE_NAME", "spec.nodeName"),
+    ];
     if repo.credentials.is_some() {
         env.push(self::env(
             "AWS_SHARED_CREDENTIALS_FILE",
@@ -246,7 +323,19 @@ fn secret_volume(name: &str, secret: &str, key: &str, path: &str) -> Volume {
     }
 }
 
-/// The data volume (read-only for a backup), the password, a scratch cache, /tmp, the credentials.
+fn empty_dir(name: &str, size_limit: Option<&str>) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: size_limit.map(|s| Quantity(s.into())),
+            medium: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The data volume (read-only for a backup), the password, a scratch cache, /tmp, the credentials; the
+/// run directory both containers share and the agent's /tmp.
 fn volumes(plan: &PodPlan, cfg: &Config) -> Vec<Volume> {
     let mut volumes: Vec<Volume> = plan
         .pvc
@@ -262,19 +351,10 @@ fn volumes(plan: &PodPlan, cfg: &Config) -> Vec<Volume> {
         .collect();
     volumes.extend([
         secret_volume("password", &plan.password_secret, "password", "password"),
-        Volume {
-            name: "cache".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(Quantity(cfg.cache_size_limit.clone())),
-                medium: None,
-            }),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
+        empty_dir("cache", Some(&cfg.cache_size_limit)),
+        empty_dir("tmp", None),
+        empty_dir("run", None),
+        empty_dir("agent-tmp", None),
     ]);
     if let Some((secret, key)) = &plan.repo.credentials {
         volumes.push(secret_volume("credentials", secret, key, "cloud"));
@@ -282,14 +362,8 @@ fn volumes(plan: &PodPlan, cfg: &Config) -> Vec<Volume> {
     volumes
 }
 
-/// Where [`volumes`] go in the container: mounts, and the block device when the volume is one.
+/// Where [`volumes`] go in the data-path container: mounts, and the block device when the volume is one.
 fn mounts(plan: &PodPlan) -> (Vec<VolumeMount>, Vec<VolumeDevice>) {
-    let mount = |name: &str, path: &str, read_only: Option<bool>| VolumeMount {
-        name: name.into(),
-        mount_path: path.into(),
-        read_only,
-        ..Default::default()
-    };
     let mut mounts = vec![
         mount("password", "/ferry/secrets/password", Some(true)),
         mount("cache", contract::CACHE_PATH, None),
@@ -387,7 +461,7 @@ pub fn state(pod: &Pod) -> PodState {
     let container = status
         .container_statuses
         .as_ref()
-        .and_then(|c| c.iter().find(|c| c.name == "mover"));
+        .and_then(|c| c.iter().find(|c| c.name == AGENT_CONTAINER));
     let terminated = container.and_then(|c| {
         c.state
             .as_ref()
@@ -405,7 +479,13 @@ pub fn state(pod: &Pod) -> PodState {
         },
         Some("Failed") => failed(status, terminated, &node),
         Some("Running") => PodState::Running { node },
-        _ => pending(status, container),
+        _ => {
+            let sidecar = status
+                .init_container_statuses
+                .as_ref()
+                .and_then(|c| c.iter().find(|c| c.name == DATAPATH_CONTAINER));
+            pending(status, sidecar, container)
+        }
     }
 }
 
@@ -461,16 +541,32 @@ fn failed(
 }
 
 /// A pod not running yet: why it waits (unschedulable, pulling), and whether that will never fix itself.
-fn pending(status: &PodStatus, container: Option<&ContainerStatus>) -> PodState {
-    let waiting = container.and_then(|c| c.state.as_ref()?.waiting.clone());
-    let fatal = waiting.as_ref().and_then(|w| {
-        let reason = w.reason.as_deref()?;
-        FATAL_WAITING.contains(&reason).then(|| {
-            format!(
-                "mover pod cannot start: {reason}: {}",
-                w.message.clone().unwrap_or_default()
-            )
-        })
+/// The data-path sidecar starts first (the agent waits in PodInitializing meanwhile): its reason counts
+/// as much as the agent's.
+fn pending(
+    status: &PodStatus,
+    sidecar: Option<&ContainerStatus>,
+    container: Option<&ContainerStatus>,
+) -> PodState {
+    let waiting_of =
+        |c: Option<&ContainerStatus>| c.and_then(|c| c.state.as_ref()?.waiting.clone());
+    let is_fatal = |w: &ContainerStateWaiting| {
+        w.reason
+            .as_deref()
+            .is_some_and(|r| FATAL_WAITING.contains(&r))
+    };
+    let waiting = [waiting_of(sidecar), waiting_of(container)]
+        .into_iter()
+        .flatten()
+        .find(is_fatal)
+        .or_else(|| waiting_of(sidecar))
+        .or_else(|| waiting_of(container));
+    let fatal = waiting.as_ref().filter(|w| is_fatal(w)).map(|w| {
+        format!(
+            "mover pod cannot start: {}: {}",
+            w.reason.as_deref().unwrap_or_default(),
+            w.message.as_deref().unwrap_or_default()
+        )
     });
     let unschedulable = status.conditions.as_ref().and_then(|cs| {
         cs.iter()
@@ -501,7 +597,7 @@ fn pending(status: &PodStatus, container: Option<&ContainerStatus>) -> PodState 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -522,38 +618,179 @@ mod tests {
             labels: BTreeMap::new(),
             owner: OwnerReference::default(),
             direction: Direction::Backup,
-            op: "backup".into(),
             mover: cfg.movers["ferry"].clone(),
             pvc: Some("ferry-x".into()),
             block: false,
             nodes: vec![],
+            cr: CrRef {
+                kind: "DataUpload".into(),
+                name: "x".into(),
+                namespace: "velero".into(),
+                uid: "u1".into(),
+            },
+            call: Call::Backup(datapath::BackupRequest {
+                operation_id: "x".into(),
+                repository: Some(repo.repository()),
+                volume: Some(request_volume(false)),
+                ..Default::default()
+            }),
             repo,
             password_secret: "ferry-repository".into(),
-            args: vec![],
         }
     }
 
-    fn env_of(p: &Pod) -> Vec<EnvVar> {
-        p.spec.as_ref().expect("spec").containers[0]
-            .env
-            .clone()
-            .expect("env")
+    fn spec_of(p: &Pod) -> &PodSpec {
+        p.spec.as_ref().expect("spec")
+    }
+
+    /// The agent container (`mover`).
+    fn agent_of(p: &Pod) -> &Container {
+        let c = &spec_of(p).containers;
+        assert_eq!(c.len(), 1, "one regular container");
+        assert_eq!(c[0].name, AGENT_CONTAINER);
+        &c[0]
+    }
+
+    /// The data-path sidecar.
+    fn sidecar_of(p: &Pod) -> &Container {
+        let c = spec_of(p)
+            .init_containers
+            .as_ref()
+            .expect("init containers");
+        assert_eq!(c.len(), 1, "one init container");
+        assert_eq!(c[0].name, DATAPATH_CONTAINER);
+        &c[0]
+    }
+
+    fn env_of(c: &Container) -> Vec<EnvVar> {
+        c.env.clone().expect("env")
+    }
+
+    fn value(env: &[EnvVar], name: &str) -> Option<String> {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    /// The agent's job, decoded from a built pod the way the agent reads it.
+    pub(crate) fn job_of(p: &Pod) -> AgentJob {
+        let text = value(&env_of(agent_of(p)), ENV_JOB).expect("FERRY_AGENT_JOB");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("base64");
+        AgentJob::decode(bytes.as_slice()).expect("AgentJob")
+    }
+
+    #[test]
+    fn the_data_path_is_a_native_sidecar_and_the_agent_has_no_capabilities() {
+        let repo = RepoTarget {
+            credentials: Some(("cloud-credentials".into(), "cloud".into())),
+            ..Default::default()
+        };
+        let p = build(&plan(repo), &Config::default());
+        let sidecar = sidecar_of(&p);
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(sidecar.image.as_deref(), Some("localhost/ferry-mover:dev"));
+        assert_eq!(sidecar.args, Some(vec!["datapath".to_string()]));
+        let env = env_of(sidecar);
+        assert_eq!(value(&env, ENV_SOCKET).as_deref(), Some(SOCKET_PATH));
+        assert_eq!(
+            value(&env, "AWS_SHARED_CREDENTIALS_FILE").as_deref(),
+            Some(contract::CREDENTIALS_FILE)
+        );
+        assert!(
+            env.iter()
+                .all(|e| !e.name.starts_with("FERRY_REPO") && !e.name.starts_with("FERRY_S3")),
+            "{env:?}"
+        );
+        let mounts: Vec<_> = sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.mount_path.as_str(), m.read_only))
+            .collect();
+        for want in [
+            (contract::VOLUME_PATH, Some(true)),
+            (SOCKET_DIR, None),
+            (contract::CREDENTIALS_DIR, Some(true)),
+            (contract::CACHE_PATH, None),
+        ] {
+            assert!(mounts.contains(&want), "{want:?} not in {mounts:?}");
+        }
+        let caps = sidecar
+            .security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.clone())
+            .expect("capabilities");
+        assert_eq!(
+            caps.add,
+            Some(MOVER_CAPABILITIES.map(String::from).to_vec())
+        );
+
+        let agent = agent_of(&p);
+        assert_eq!(agent.args, Some(vec!["agent".to_string()]));
+        assert_eq!(agent.termination_message_policy.as_deref(), Some("File"));
+        assert_eq!(agent.restart_policy, None);
+        let sc = agent.security_context.as_ref().expect("security context");
+        let caps = sc.capabilities.clone().expect("capabilities");
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(caps.add, None);
+        let paths: Vec<_> = agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(paths, [SOCKET_DIR, "/tmp"]);
+        let env = env_of(agent);
+        assert_eq!(value(&env, ENV_SOCKET).as_deref(), Some(SOCKET_PATH));
+        assert!(env.iter().any(|e| e.name == "POD_NAME"));
+        assert!(env.iter().all(|e| !e.name.starts_with("AWS_")), "{env:?}");
+        let limits = agent
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .expect("limits");
+        assert_eq!(limits["memory"], Quantity("128Mi".into()));
+
+        let job = job_of(&p);
+        assert_eq!(job.cr.expect("cr").uid, "u1");
+        assert_eq!(job.report_interval_seconds, 5);
+        let Some(Call::Backup(r)) = job.call else {
+            panic!("not a backup: {:?}", job.call)
+        };
+        let repo = r.repository.expect("repository");
+        assert_eq!(repo.credentials_file, contract::CREDENTIALS_FILE);
+        assert_eq!(repo.ca_file, "");
+    }
+
+    #[test]
+    fn a_block_volume_is_attached_to_the_data_path_only() {
+        let mut plan = plan(RepoTarget::default());
+        plan.block = true;
+        plan.direction = Direction::Restore;
+        let p = build(&plan, &Config::default());
+        let devices = sidecar_of(&p).volume_devices.clone().expect("devices");
+        assert_eq!(devices[0].device_path, contract::DEVICE_PATH);
+        assert_eq!(agent_of(&p).volume_devices, None);
+        // A third-party mover without args runs its image's entrypoint.
+        plan.mover.args.clear();
+        assert_eq!(sidecar_of(&build(&plan, &Config::default())).args, None);
     }
 
     #[test]
     fn passes_endpoint_tls_settings() {
         let repo = RepoTarget {
             url: "s3://b/velero/plugins/ferry/app".into(),
+            bucket: "b".into(),
+            prefix: "velero/plugins/ferry/app".into(),
             endpoint: Some("https://minio:9000".into()),
-            region: None,
             path_style: true,
-            profile: None,
-            credentials: None,
             ca: Some(CaSource::Secret("ca".into(), "bundle.pem".into())),
-            insecure_skip_tls_verify: false,
+            ..Default::default()
         };
         let p = build(&plan(repo.clone()), &Config::default());
-        let ca = env_of(&p)
+        let ca = env_of(agent_of(&p))
             .into_iter()
             .find(|e| e.name == contract::ENV_S3_CA_PEM)
             .expect("CA env");
@@ -562,25 +799,56 @@ mod tests {
             .and_then(|v| v.secret_key_ref)
             .expect("secretKeyRef");
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("ca", "bundle.pem"));
+        assert!(
+            env_of(sidecar_of(&p))
+                .iter()
+                .all(|e| e.name != contract::ENV_S3_CA_PEM)
+        );
+        let Some(Call::Backup(r)) = job_of(&p).call else {
+            panic!("not a backup")
+        };
+        let r = r.repository.expect("repository");
+        assert_eq!(r.ca_file, datapath::CA_FILE);
+        assert_eq!(r.endpoint, "https://minio:9000");
+        assert!(r.path_style && !r.insecure_skip_tls_verify);
 
         let inline = RepoTarget {
             ca: Some(CaSource::Pem("-----BEGIN CERTIFICATE-----".into())),
             insecure_skip_tls_verify: true,
             ..repo
         };
-        let env = env_of(&build(&plan(inline), &Config::default()));
-        let get = |n: &str| {
-            env.iter()
-                .find(|e| e.name == n)
-                .and_then(|e| e.value.clone())
-        };
+        let p = build(&plan(inline), &Config::default());
         assert_eq!(
-            get(contract::ENV_S3_CA_PEM).as_deref(),
+            value(&env_of(agent_of(&p)), contract::ENV_S3_CA_PEM).as_deref(),
             Some("-----BEGIN CERTIFICATE-----")
         );
+        let Some(Call::Backup(r)) = job_of(&p).call else {
+            panic!("not a backup")
+        };
+        assert!(r.repository.expect("repository").insecure_skip_tls_verify);
+    }
+
+    #[test]
+    fn a_data_path_that_cannot_start_is_fatal() {
+        let p = pod(json!({"phase": "Pending",
+            "initContainerStatuses": [{"name": "datapath", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull", "message": "no such image"}}}],
+            "containerStatuses": [{"name": "mover", "image": "a", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}]}));
+        assert!(
+            matches!(state(&p), PodState::Pending { fatal: Some(ref f), .. } if f.contains("no such image")),
+            "{:?}",
+            state(&p)
+        );
+        let starting = pod(json!({"phase": "Pending",
+            "initContainerStatuses": [{"name": "datapath", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}));
         assert_eq!(
-            get(contract::ENV_S3_INSECURE_SKIP_TLS_VERIFY).as_deref(),
-            Some("true")
+            state(&starting),
+            PodState::Pending {
+                waiting: Some("ContainerCreating".into()),
+                fatal: None
+            }
         );
     }
 
@@ -654,16 +922,7 @@ mod tests {
             "SETUID",
             "SYS_CHROOT",
         ];
-        let repo = RepoTarget {
-            url: "s3://b/p".into(),
-            endpoint: None,
-            region: None,
-            path_style: false,
-            profile: None,
-            credentials: None,
-            ca: None,
-            insecure_skip_tls_verify: false,
-        };
+        let repo = RepoTarget::default();
         let spec = build(&plan(repo), &Config::default()).spec.expect("spec");
         let psc = spec.security_context.expect("pod security context");
         assert_eq!(
@@ -674,7 +933,9 @@ mod tests {
         for v in spec.volumes.unwrap_or_default() {
             assert!(v.host_path.is_none(), "hostPath volume {}", v.name);
         }
-        for c in spec.containers {
+        let sidecars = spec.init_containers.unwrap_or_default();
+        assert_eq!(sidecars.len() + spec.containers.len(), 2);
+        for c in sidecars.into_iter().chain(spec.containers) {
             let sc = c.security_context.expect("container security context");
             assert_eq!(sc.privileged, Some(false));
             assert_eq!(sc.allow_privilege_escalation, Some(false));

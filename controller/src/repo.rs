@@ -1,7 +1,10 @@
 //! The repository a mover pod works on: where it is and how to reach it, read from a BackupStorageLocation
 //! and checked along with the Secrets the pod will mount.
 
-use ferry_proto::pod::holds_pem_certificate;
+use std::collections::BTreeMap;
+
+use ferry_proto::datapath::{CA_FILE, Repository};
+use ferry_proto::pod::{CREDENTIALS_FILE, PASSWORD_FILE, holds_pem_certificate};
 use ferry_proto::velero::{BackupStorageLocation, ObjectStorageLocation};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -16,10 +19,16 @@ use crate::step::Step;
 use crate::validate::bsl_config;
 
 /// Where the repository is and how to reach it, from a BackupStorageLocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RepoTarget {
-    /// `s3://bucket/prefix/plugins/ferry/<source-namespace>`.
+    /// `s3://<bucket>/<prefix>`, as recorded in a DataUpload's result.
     pub url: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Key prefix in the bucket: `[<bsl prefix>/]plugins/ferry[/<source-namespace>]`.
+    pub prefix: String,
+    /// The BSL's config map as it is.
+    pub config: BTreeMap<String, String>,
     /// Custom endpoint (`s3Url`).
     pub endpoint: Option<String>,
     /// Region.
@@ -78,7 +87,8 @@ pub async fn repo_target_in(
             bsl.spec.provider
         )));
     }
-    let config = match bsl_config(&bsl.spec.config.clone().unwrap_or_default()) {
+    let config_map = bsl.spec.config.clone().unwrap_or_default();
+    let config = match bsl_config(&config_map) {
         Ok(c) => c,
         Err(invalid) => {
             return Ok(Step::fail(format!(
@@ -90,8 +100,12 @@ pub async fn repo_target_in(
     let ca = proceed!(ca_source(&secrets, ns, bsl_name, &bsl.spec.object_storage).await?);
     let credentials = proceed!(credentials(&secrets, ns, &bsl).await?);
     proceed!(password(ctx, &secrets, ns).await?);
+    let prefix = repo_prefix(&bsl.spec.object_storage, source_ns);
     Ok(Step::Done(RepoTarget {
-        url: repo_url(&bsl.spec.object_storage, source_ns),
+        url: format!("s3://{}/{prefix}", bsl.spec.object_storage.bucket),
+        bucket: bsl.spec.object_storage.bucket.clone(),
+        prefix,
+        config: config_map,
         endpoint: config.endpoint,
         region: config.region,
         path_style: config.path_style,
@@ -102,10 +116,39 @@ pub async fn repo_target_in(
     }))
 }
 
-/// `s3://<bucket>/<prefix>/plugins/ferry[/<source-namespace>]`.
-fn repo_url(storage: &ObjectStorageLocation, source_ns: Option<&str>) -> String {
+impl RepoTarget {
+    /// The repository as the data-path API names it: files where the mover pod mounts them
+    /// (`ferry_proto::pod`), the CA where the agent writes it ([`CA_FILE`]).
+    pub fn repository(&self) -> Repository {
+        Repository {
+            provider: "aws".into(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            endpoint: self.endpoint.clone().unwrap_or_default(),
+            region: self.region.clone().unwrap_or_default(),
+            path_style: self.path_style,
+            credentials_file: self
+                .credentials
+                .as_ref()
+                .map(|_| CREDENTIALS_FILE.to_string())
+                .unwrap_or_default(),
+            profile: self.profile.clone().unwrap_or_default(),
+            ca_file: self
+                .ca
+                .as_ref()
+                .map(|_| CA_FILE.to_string())
+                .unwrap_or_default(),
+            insecure_skip_tls_verify: self.insecure_skip_tls_verify,
+            password_file: PASSWORD_FILE.into(),
+            config: self.config.clone().into_iter().collect(),
+        }
+    }
+}
+
+/// `<prefix>/plugins/ferry[/<source-namespace>]` (no leading or trailing slash).
+fn repo_prefix(storage: &ObjectStorageLocation, source_ns: Option<&str>) -> String {
     let prefix = storage.prefix.as_deref().unwrap_or("").trim_matches('/');
-    let mut url = format!("s3://{}/", storage.bucket);
+    let mut url = String::new();
     if !prefix.is_empty() {
         url.push_str(prefix);
         url.push('/');
@@ -214,4 +257,49 @@ async fn password(ctx: &Context, secrets: &Api<Secret>, ns: &str) -> Result<Step
 
 fn has_key(s: &Secret, key: &str) -> bool {
     s.data.as_ref().is_some_and(|d| d.contains_key(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_and_the_repository_request() {
+        let storage = |prefix: Option<&str>| ObjectStorageLocation {
+            bucket: "b".into(),
+            prefix: prefix.map(String::from),
+            ..Default::default()
+        };
+        assert_eq!(
+            repo_prefix(&storage(Some("/velero/")), Some("app")),
+            "velero/plugins/ferry/app"
+        );
+        assert_eq!(repo_prefix(&storage(None), None), "plugins/ferry");
+        let t = RepoTarget {
+            bucket: "b".into(),
+            prefix: "plugins/ferry/app".into(),
+            endpoint: Some("https://minio:9000".into()),
+            path_style: true,
+            credentials: Some(("cloud-credentials".into(), "cloud".into())),
+            ca: Some(CaSource::Pem("pem".into())),
+            config: BTreeMap::from([("region".into(), "minio".into())]),
+            ..Default::default()
+        };
+        let r = t.repository();
+        assert_eq!(
+            (r.provider.as_str(), r.bucket.as_str(), r.prefix.as_str()),
+            ("aws", "b", "plugins/ferry/app")
+        );
+        assert_eq!(r.endpoint, "https://minio:9000");
+        assert!(r.path_style && !r.insecure_skip_tls_verify);
+        assert_eq!(r.credentials_file, CREDENTIALS_FILE);
+        assert_eq!(r.ca_file, CA_FILE);
+        assert_eq!(r.password_file, PASSWORD_FILE);
+        assert_eq!(r.config["region"], "minio");
+        let bare = RepoTarget::default().repository();
+        assert_eq!(
+            (bare.credentials_file, bare.ca_file),
+            (String::new(), String::new())
+        );
+    }
 }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use ferry_proto::datapath::agent::agent_job::Call;
+use ferry_proto::datapath::{BackupRequest, Repository, Source, Volume};
 use ferry_proto::labels::{TAG_BACKUP_NAME, TAG_BACKUP_UID};
 use ferry_proto::result::BackupResult;
 use ferry_proto::velero::{DataMoveProgress, DataUpload, DataUploadStatus};
@@ -12,7 +14,6 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::expose::{Exposure, snapshot};
 use crate::flow::{Flow, delete_pods_and_pvcs};
-use crate::objects;
 use crate::repo;
 use crate::step::Step;
 
@@ -28,21 +29,8 @@ impl Flow for DataUpload {
         snapshot::expose(self, ctx).await
     }
 
-    fn mover_args(&self) -> Vec<String> {
-        let mut args = objects::owner_args(self);
-        args.push(format!(
-            "--source-pvc={}/{}",
-            self.spec.source_namespace, self.spec.source_pvc
-        ));
-        for (label, tag) in [
-            ("velero.io/backup-name", TAG_BACKUP_NAME),
-            ("velero.io/backup-uid", TAG_BACKUP_UID),
-        ] {
-            if let Some(v) = self.labels().get(label) {
-                args.push(format!("--tag={tag}={v}"));
-            }
-        }
-        args
+    fn call(&self, repository: Repository, volume: Volume) -> Call {
+        Call::Backup(backup_request(self, repository, volume))
     }
 
     async fn complete(
@@ -89,6 +77,44 @@ impl Flow for DataUpload {
     }
 }
 
+/// The DataUpload's backup call: the source PVC, the volume, the Velero backup's name and uid as tags, the
+/// `spec.dataMoverConfig`.
+pub fn backup_request(du: &DataUpload, repository: Repository, volume: Volume) -> BackupRequest {
+    let tags = [
+        ("velero.io/backup-name", TAG_BACKUP_NAME),
+        ("velero.io/backup-uid", TAG_BACKUP_UID),
+    ]
+    .into_iter()
+    .filter_map(|(label, tag)| Some((tag.to_string(), du.labels().get(label)?.clone())))
+    .collect();
+    BackupRequest {
+        operation_id: du.name_any(),
+        repository: Some(repository),
+        volume: Some(volume),
+        source: Some(Source {
+            namespace: du.spec.source_namespace.clone(),
+            pvc: du.spec.source_pvc.clone(),
+            storage_class: du
+                .spec
+                .csi_snapshot
+                .as_ref()
+                .map(|c| c.storage_class.clone())
+                .unwrap_or_default(),
+            node: String::new(),
+        }),
+        tags,
+        parent_snapshot_id: String::new(),
+        deadline_unix_ms: 0,
+        mover_config: du
+            .spec
+            .data_mover_config
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The backup flow's own steps against kube's mock service.
@@ -97,25 +123,36 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn mover_args_name_the_source_and_the_backup_tags() {
-        let cr = du(
-            json!(null),
-            |v| {
-                v["metadata"]["labels"] =
-                    json!({"velero.io/backup-name": "b1", "velero.io/backup-uid": "bu1"})
-            },
+    fn the_backup_request_names_the_source_and_the_backup_tags() {
+        let cr = du(json!(null), |v| {
+            v["metadata"]["labels"] =
+                json!({"velero.io/backup-name": "b1", "velero.io/backup-uid": "bu1"});
+            v["spec"]["dataMoverConfig"] = json!({"k": "v"});
+        });
+        let repo = Repository {
+            bucket: "b".into(),
+            ..Default::default()
+        };
+        let volume = crate::pod::request_volume(false);
+        let Call::Backup(r) = cr.call(repo.clone(), volume.clone()) else {
+            panic!("not a backup")
+        };
+        assert_eq!(r.operation_id, "b1-x");
+        assert_eq!(r.repository, Some(repo));
+        assert_eq!(r.volume, Some(volume.clone()));
+        let source = r.source.expect("source");
+        assert_eq!(
+            (source.namespace.as_str(), source.pvc.as_str()),
+            ("app", "p")
         );
-        let args = cr.mover_args();
-        assert!(args.contains(&"--source-pvc=app/p".to_string()), "{args:?}");
-        assert!(
-            args.contains(&format!("--tag={TAG_BACKUP_NAME}=b1")),
-            "{args:?}"
-        );
-        assert!(
-            args.contains(&format!("--tag={TAG_BACKUP_UID}=bu1")),
-            "{args:?}"
-        );
-        assert!(args.contains(&"--uid=u1".to_string()), "{args:?}");
+        assert_eq!(source.storage_class, "sc");
+        assert_eq!(r.tags.len(), 2, "{:?}", r.tags);
+        assert_eq!(r.tags[TAG_BACKUP_NAME], "b1");
+        assert_eq!(r.tags[TAG_BACKUP_UID], "bu1");
+        assert_eq!(r.mover_config["k"], "v");
+        assert_eq!((r.deadline_unix_ms, r.parent_snapshot_id.as_str()), (0, ""));
+        let untagged = backup_request(&du(json!(null), |_| {}), Repository::default(), volume);
+        assert!(untagged.tags.is_empty() && untagged.mover_config.is_empty());
     }
 
     #[tokio::test]

@@ -86,6 +86,8 @@ fn the_chart_lints_and_its_defaults_are_the_controllers() -> Result<()> {
     let mut want = Config::default();
     let ferry = want.movers.get_mut("ferry").context("default mover")?;
     ferry.image = "localhost/ferry-mover:0.1.0".into();
+    // One image: Ferry's data path and the pod agent.
+    want.agent.image = "localhost/ferry-mover:0.1.0".into();
     assert_eq!(
         config, want,
         "values.yaml defaults differ from controller/src/config.rs"
@@ -101,6 +103,8 @@ fn values_reach_the_config_and_the_rbac() -> Result<()> {
         "config.perNodeLimit=3",
         "image.controller.repository=registry.example/ferry-controller",
         "image.controller.tag=v9",
+        "image.mover.repository=registry.example/ferry-mover",
+        "image.mover.tag=v8",
         "replicas=1",
     ])?;
     let config = Config::from_yaml(&config_text(&docs)?)?;
@@ -110,7 +114,16 @@ fn values_reach_the_config_and_the_rbac() -> Result<()> {
         config.mover(Some("acme")).map(|m| m.image.as_str()),
         Some("registry.example/acme:1.2")
     );
-    assert!(config.mover(Some("ferry")).is_some());
+    assert!(
+        config
+            .mover(Some("acme"))
+            .is_some_and(|m| m.args.is_empty())
+    );
+    assert_eq!(
+        config.mover(Some("ferry")).map(|m| m.args.clone()),
+        Some(vec!["datapath".to_string()])
+    );
+    assert_eq!(config.agent.image, "registry.example/ferry-mover:v8");
     for d in &docs {
         let (kind, name) = (&d["kind"], &d["metadata"]["name"]);
         match d["metadata"]["namespace"].as_str() {

@@ -5,7 +5,7 @@
 //!   storage engine builds without them, and so without kube.
 //! * [`result`]: the result document a mover writes to its termination message.
 //! * [`report`]: the progress Events a mover emits (protobuf payload).
-//! * [`pod`]: the mover-pod contract (paths, flags, exit codes).
+//! * [`pod`]: the mover-pod contract (paths, exit codes, the termination message).
 //! * [`labels`]: label and annotation keys.
 //!
 //! * [`datapath`] (feature `datapath`, on by default): the gRPC data-path API `ferry.datapath.v1` between the

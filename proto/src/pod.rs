@@ -1,17 +1,25 @@
-//! The mover-pod contract: how the controller hands a volume and a repository to a mover container, and
-//! what the container hands back. A third-party data path that honours this contract gets expose, pods,
+//! The mover-pod contract: where the controller puts a volume and a repository's secrets in a mover pod, and
+//! what the pod hands back. A third-party data path that serves [`crate::datapath`] gets expose, pods,
 //! progress, cancel, restarts and cleanup from the controller.
 //!
-//! * Command: `<mover> pod backup|restore` with the flags below (the `ferry` binary implements it).
-//! * The volume: mounted at [`VOLUME_PATH`] (filesystem mode) or attached at [`DEVICE_PATH`] (block mode);
-//!   read-only for backup.
+//! * Two containers: the data path (the mover image, a native sidecar `datapath`) serves the data-path API on
+//!   the socket [`crate::datapath::SOCKET_PATH`]; Ferry's pod agent (`ferry agent`, the container `mover`)
+//!   reads its one request from `FERRY_AGENT_JOB` ([`crate::datapath::agent::AgentJob`], base64 protobuf)
+//!   and makes the call. The request names the paths below.
+//! * The volume (data-path container only): mounted at [`VOLUME_PATH`] (filesystem mode) or attached at
+//!   [`DEVICE_PATH`] (block mode); read-only for backup.
 //! * The repository password: the file [`PASSWORD_FILE`]. S3 credentials: an AWS shared-credentials file
 //!   at [`CREDENTIALS_FILE`] when the BSL names a credential Secret (`AWS_SHARED_CREDENTIALS_FILE` is set).
-//!   Endpoint TLS: [`ENV_S3_CA_PEM`] and [`ENV_S3_INSECURE_SKIP_TLS_VERIFY`].
+//!   Endpoint CA: [`ENV_S3_CA_PEM`] in the agent, which writes it to [`crate::datapath::CA_FILE`].
 //! * Reporting: Events on the CR (see [`crate::report`]); the service account may create and patch events.
-//! * The result: on success the container exits 0 and writes the [`crate::result`] JSON to
+//! * The result: on success the agent exits 0 and writes the [`crate::result`] JSON to
 //!   `/dev/termination-log`; on failure it exits [`EXIT_FAILED`] with the error text there; when canceled
-//!   (SIGTERM) it stops at the next safe point, leaves the repository consistent and exits [`EXIT_CANCELED`].
+//!   (SIGTERM) the call is canceled, the data path stops at the next safe point, leaves the repository
+//!   consistent, and the agent exits [`EXIT_CANCELED`].
+//!
+//! Before the data-path API the contract was one container running `<mover> pod backup|restore|maintain`
+//! with flags and `FERRY_*` variables ([`ENV_S3_INSECURE_SKIP_TLS_VERIFY`] among them); `ferry pod` still
+//! implements it.
 
 /// Mount point of the exposed volume in filesystem mode.
 pub const VOLUME_PATH: &str = "/ferry/volume";
@@ -32,7 +40,8 @@ pub fn holds_pem_certificate(bytes: &[u8]) -> bool {
     bytes.windows(BEGIN.len()).any(|w| w == BEGIN)
 }
 
-/// Environment variable set to `true` when the BSL says `insecureSkipTLSVerify: "true"`.
+/// Environment variable of `ferry pod` set to `true` when the BSL says `insecureSkipTLSVerify: "true"` (the
+/// data-path request carries `Repository.insecure_skip_tls_verify` instead).
 pub const ENV_S3_INSECURE_SKIP_TLS_VERIFY: &str = "FERRY_S3_INSECURE_SKIP_TLS_VERIFY";
 /// Scratch directory (index cache).
 pub const CACHE_PATH: &str = "/ferry/cache";
