@@ -155,14 +155,15 @@ async fn start(b: &Backup, ctx: &Context, pods: &Api<Pod>) -> Result<Action> {
         .storage_location
         .clone()
         .unwrap_or_else(|| "default".into());
-    let repo = match repo::repo_target_in(ctx, &ns, &bsl, None).await? {
+    let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
+        return release(ctx, b, "skipped: mover no longer configured").await;
+    };
+    let name = b.spec.datamover.as_deref().unwrap_or_default();
+    let repo = match repo::repo_target_in(ctx, &ns, &bsl, name, None).await? {
         Step::Done(r) => r,
         Step::Fail(m) | Step::Wait { reason: m, .. } => {
             return release(ctx, b, &format!("failed: {m}")).await;
         }
-    };
-    let Some(mover) = ctx.config.mover(b.spec.datamover.as_deref()).cloned() else {
-        return release(ctx, b, "skipped: mover no longer configured").await;
     };
     let plan = maintenance_plan(b, ctx, repo, mover);
     let mut p = pod::build(&plan, &ctx.config);

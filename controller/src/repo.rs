@@ -25,7 +25,7 @@ pub struct RepoTarget {
     pub url: String,
     /// Bucket.
     pub bucket: String,
-    /// Key prefix in the bucket: `[<bsl prefix>/]plugins/ferry[/<source-namespace>]`.
+    /// Key prefix in the bucket: `[<bsl prefix>/]plugins/<mover>[/<source-namespace>]`.
     pub prefix: String,
     /// The BSL's config map as it is.
     pub config: BTreeMap<String, String>,
@@ -61,17 +61,19 @@ pub async fn repo_target<K: MoverCr>(ctx: &Context, cr: &K) -> Result<Step<RepoT
         ctx,
         &cr.namespace().unwrap_or_default(),
         cr.bsl(),
+        cr.datamover().unwrap_or("ferry"),
         Some(cr.source_namespace()),
     )
     .await
 }
 
-/// The repository of `source_ns` under BSL `ns/bsl_name`, or with `None` the root holding every
-/// namespace's repository.
+/// The repository of `source_ns` under BSL `ns/bsl_name` for the data path `mover`, or with `None` the
+/// root holding every namespace's repository of that mover.
 pub async fn repo_target_in(
     ctx: &Context,
     ns: &str,
     bsl_name: &str,
+    mover: &str,
     source_ns: Option<&str>,
 ) -> Result<Step<RepoTarget>> {
     let bsls: Api<BackupStorageLocation> = Api::namespaced(ctx.client.clone(), ns);
@@ -100,7 +102,7 @@ pub async fn repo_target_in(
     let ca = proceed!(ca_source(&secrets, ns, bsl_name, &bsl.spec.object_storage).await?);
     let credentials = proceed!(credentials(&secrets, ns, &bsl).await?);
     proceed!(password(ctx, &secrets, ns).await?);
-    let prefix = repo_prefix(&bsl.spec.object_storage, source_ns);
+    let prefix = repo_prefix(&bsl.spec.object_storage, mover, source_ns);
     Ok(Step::Done(RepoTarget {
         url: format!("s3://{}/{prefix}", bsl.spec.object_storage.bucket),
         bucket: bsl.spec.object_storage.bucket.clone(),
@@ -145,8 +147,9 @@ impl RepoTarget {
     }
 }
 
-/// `<prefix>/plugins/ferry[/<source-namespace>]` (no leading or trailing slash).
-fn repo_prefix(storage: &ObjectStorageLocation, source_ns: Option<&str>) -> String {
+/// `<prefix>/plugins/<mover>[/<source-namespace>]` (no leading or trailing slash): each data path keeps
+/// its own tree, so two movers never read each other's objects.
+fn repo_prefix(storage: &ObjectStorageLocation, mover: &str, source_ns: Option<&str>) -> String {
     let prefix = storage.prefix.as_deref().unwrap_or("").trim_matches('/');
     let mut url = String::new();
     if !prefix.is_empty() {
@@ -155,7 +158,8 @@ fn repo_prefix(storage: &ObjectStorageLocation, source_ns: Option<&str>) -> Stri
     }
     // Under `plugins/`: Velero marks a BSL Unavailable when its prefix holds any top-level directory
     // other than backups, restores, restic, kopia, metadata and plugins.
-    url.push_str("plugins/ferry");
+    url.push_str("plugins/");
+    url.push_str(mover);
     if let Some(sns) = source_ns {
         url.push('/');
         url.push_str(sns);
@@ -271,10 +275,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            repo_prefix(&storage(Some("/velero/")), Some("app")),
+            repo_prefix(&storage(Some("/velero/")), "ferry", Some("app")),
             "velero/plugins/ferry/app"
         );
-        assert_eq!(repo_prefix(&storage(None), None), "plugins/ferry");
+        assert_eq!(repo_prefix(&storage(None), "ferry", None), "plugins/ferry");
+        assert_eq!(
+            repo_prefix(&storage(None), "tar-example", Some("app")),
+            "plugins/tar-example/app"
+        );
         let t = RepoTarget {
             bucket: "b".into(),
             prefix: "plugins/ferry/app".into(),
