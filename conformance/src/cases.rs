@@ -310,18 +310,5 @@ fn forget_root(r: &api::Repository) -> api::Repository {
 }
 
 async fn collect_forget(kit: &Kit, req: api::ForgetRequest) -> Result<api::ForgetResult> {
-    let mut s = kit.client().forget(req).await?.into_inner();
-    let mut result = None;
-    while let Some(ev) = s.message().await? {
-        match ev.event {
-            Some(api::forget_event::Event::Progress(_)) => {
-                ensure!(result.is_none(), "a progress message after the result")
-            }
-            Some(api::forget_event::Event::Result(r)) => {
-                ensure!(result.replace(r).is_none(), "a second result")
-            }
-            None => anyhow::bail!("an empty ForgetEvent"),
-        }
-    }
-    result.context("the Forget stream ended OK without a result")
+    Ok(crate::collect(kit.client().forget(req).await?.into_inner()).await?)
 }

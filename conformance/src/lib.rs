@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use ferry_proto::datapath::{
-    self as api, BackupRequest, Capability, GetInfoResponse, RestoreRequest,
+    self as api, BackupRequest, Capability, GetInfoResponse, Piece, RestoreRequest, StreamEvent,
     data_path_client::DataPathClient,
 };
 use tonic::transport::Channel;
@@ -134,31 +134,28 @@ impl Kit {
 
     /// A backup, its stream checked: progress messages (done values never decreasing), then one result.
     async fn backup(&self, req: BackupRequest) -> Result<api::BackupResult, tonic::Status> {
-        let mut stream = self.client().backup(req).await?.into_inner();
-        let mut shape = Shape::default();
-        while let Some(ev) = stream.message().await? {
-            match ev.event {
-                Some(api::backup_event::Event::Progress(p)) => shape.progress(&p)?,
-                Some(api::backup_event::Event::Result(r)) => shape.result(r)?,
-                None => return Err(tonic::Status::internal("kit: an empty BackupEvent")),
-            }
-        }
-        shape.end()
+        collect(self.client().backup(req).await?.into_inner()).await
     }
 
     /// A restore, its stream checked like [`Kit::backup`]'s.
     async fn restore(&self, req: RestoreRequest) -> Result<api::RestoreResult, tonic::Status> {
-        let mut stream = self.client().restore(req).await?.into_inner();
-        let mut shape = Shape::default();
-        while let Some(ev) = stream.message().await? {
-            match ev.event {
-                Some(api::restore_event::Event::Progress(p)) => shape.progress(&p)?,
-                Some(api::restore_event::Event::Result(r)) => shape.result(r)?,
-                None => return Err(tonic::Status::internal("kit: an empty RestoreEvent")),
-            }
-        }
-        shape.end()
+        collect(self.client().restore(req).await?.into_inner()).await
     }
+}
+
+/// Reads a call's stream to its end under the [`Shape`] rules.
+async fn collect<E: StreamEvent>(
+    mut stream: tonic::Streaming<E>,
+) -> Result<E::Result, tonic::Status> {
+    let mut shape = Shape::default();
+    while let Some(ev) = stream.message().await? {
+        match ev.piece() {
+            Some(Piece::Progress(p)) => shape.progress(&p)?,
+            Some(Piece::Result(r)) => shape.result(r)?,
+            None => return Err(tonic::Status::internal("kit: an empty stream message")),
+        }
+    }
+    shape.end()
 }
 
 /// The stream-shape rules, as a kit failure (`INTERNAL` with a "kit:" message) when broken.

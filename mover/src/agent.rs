@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use ferry_proto::datapath::agent::{AgentJob, agent_job::Call};
-use ferry_proto::datapath::{self as api, Capability, GetInfoResponse, VolumeMode};
+use ferry_proto::datapath::{
+    self as api, Capability, GetInfoResponse, Piece, StreamEvent, VolumeMode,
+};
 use ferry_proto::pod as contract;
 use ferry_proto::report::{REPORT_VERSION, Report, Stage};
 use ferry_proto::result::{BackupResult, RESULT_VERSION, RestoreResult};
@@ -325,21 +327,15 @@ fn describe(st: &tonic::Status) -> String {
     }
 }
 
-/// One message of a call's stream.
-enum Piece<R> {
-    Progress(api::Progress),
-    Result(R),
-}
-
 /// Reads a stream to its end, checking its shape: progress messages, then exactly one result.
-async fn drain<E, R>(
-    mut stream: tonic::Streaming<E>,
-    split: fn(E) -> Option<Piece<R>>,
+async fn drain<E: StreamEvent>(
+    stream: Result<tonic::Response<tonic::Streaming<E>>, tonic::Status>,
     progress: &watch::Sender<api::Progress>,
-) -> Result<R, CallError> {
+) -> Result<E::Result, CallError> {
+    let mut stream = stream.map_err(CallError::Status)?.into_inner();
     let mut result = None;
     while let Some(ev) = stream.message().await.map_err(CallError::Status)? {
-        match split(ev) {
+        match ev.piece() {
             Some(Piece::Progress(p)) => {
                 if result.is_some() {
                     return Err(CallError::Protocol(
@@ -368,63 +364,16 @@ async fn make_call(
     let mut client = api::connect(&s.socket);
     match call {
         Call::Backup(req) => {
-            let stream = client
-                .backup(with_deadline(req.clone(), req.deadline_unix_ms))
-                .await
-                .map_err(CallError::Status)?
-                .into_inner();
-            let r = drain(
-                stream,
-                |e| match e.event? {
-                    api::backup_event::Event::Progress(p) => Some(Piece::Progress(p)),
-                    api::backup_event::Event::Result(r) => Some(Piece::Result(r)),
-                },
-                progress,
-            )
-            .await?;
-            backup_done(r)
+            let r = client.backup(with_deadline(req.clone(), req.deadline_unix_ms));
+            backup_done(drain(r.await, progress).await?)
         }
         Call::Restore(req) => {
-            let stream = client
-                .restore(with_deadline(req.clone(), req.deadline_unix_ms))
-                .await
-                .map_err(CallError::Status)?
-                .into_inner();
-            let r = drain(
-                stream,
-                |e| match e.event? {
-                    api::restore_event::Event::Progress(p) => Some(Piece::Progress(p)),
-                    api::restore_event::Event::Result(r) => Some(Piece::Result(r)),
-                },
-                progress,
-            )
-            .await?;
-            restore_done(&req.snapshot_id, r)
+            let r = client.restore(with_deadline(req.clone(), req.deadline_unix_ms));
+            restore_done(&req.snapshot_id, drain(r.await, progress).await?)
         }
         Call::Forget(req) => {
-            let stream = client
-                .forget(with_deadline(req.clone(), req.deadline_unix_ms))
-                .await
-                .map_err(CallError::Status)?
-                .into_inner();
-            let r = drain(
-                stream,
-                |e| match e.event? {
-                    api::forget_event::Event::Progress(p) => Some(Piece::Progress(p)),
-                    api::forget_event::Event::Result(r) => Some(Piece::Result(r)),
-                },
-                progress,
-            )
-            .await?;
-            let mut doc = serde_json::Map::new();
-            doc.insert("forgotten".into(), r.forgotten.into());
-            for (k, v) in r.result {
-                doc.entry(k).or_insert(v.into());
-            }
-            Ok(Outcome::Done(
-                serde_json::Value::Object(doc).to_string(),
-                completed(0, 0),
-            ))
+            let r = client.forget(with_deadline(req.clone(), req.deadline_unix_ms));
+            forget_done(drain(r.await, progress).await?)
         }
     }
 }
@@ -466,6 +415,18 @@ fn backup_done(r: api::BackupResult) -> Result<Outcome, CallError> {
     let json = serde_json::to_string(&doc)
         .map_err(|e| CallError::Protocol(format!("encoding the result: {e}")))?;
     Ok(Outcome::Done(json, completed(doc.total_bytes, doc.files)))
+}
+
+fn forget_done(r: api::ForgetResult) -> Result<Outcome, CallError> {
+    let mut doc = serde_json::Map::new();
+    doc.insert("forgotten".into(), r.forgotten.into());
+    for (k, v) in r.result {
+        doc.entry(k).or_insert(v.into());
+    }
+    Ok(Outcome::Done(
+        serde_json::Value::Object(doc).to_string(),
+        completed(0, 0),
+    ))
 }
 
 fn restore_done(snapshot: &str, r: api::RestoreResult) -> Result<Outcome, CallError> {

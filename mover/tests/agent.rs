@@ -5,10 +5,11 @@
 
 #[path = "../../engine/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -239,64 +240,13 @@ async fn a_block_volume_for_a_filesystem_only_data_path_fails_with_the_reason() 
     );
 }
 
-/// Ferry's data path as a process, killed when dropped.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ferry_datapath(socket: &Path) -> Served {
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .arg("datapath")
-        .arg("--socket")
-        .arg(socket)
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < Duration::from_secs(20), "no socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Served(child)
-}
-
-async fn s3_repo(s3: &S3Server, dir: &Path) -> api::Repository {
-    s3.create_bucket("agent").await;
-    let creds = dir.join("credentials");
-    std::fs::write(
-        &creds,
-        format!(
-            "[default]\naws_access_key_id={}\naws_secret_access_key={}\n",
-            s3.access, s3.secret
-        ),
-    )
-    .unwrap();
-    let password = dir.join("password");
-    std::fs::write(&password, "agent test").unwrap();
-    api::Repository {
-        provider: "aws".into(),
-        bucket: "agent".into(),
-        prefix: "plugins/ferry/app".into(),
-        endpoint: s3.endpoint.clone(),
-        region: "us-east-1".into(),
-        path_style: true,
-        credentials_file: creds.display().to_string(),
-        password_file: password.display().to_string(),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn ferrys_data_path_backs_up_and_restores_through_the_agent() {
     let s3 = S3Server::start().await;
     let dir = tempdir();
-    let repo = s3_repo(&s3, dir.path()).await;
+    let repo = support::s3_repository(&s3, dir.path(), "agent", "plugins/ferry/app").await;
     let socket = dir.path().join("dp.sock");
-    let _dp = ferry_datapath(&socket);
+    let _dp = support::ferry_datapath(&socket, None);
     let src = dir.path().join("src");
     rich_tree(&src);
     let job = backup_job(&src, api::VolumeMode::Filesystem, repo.clone());
@@ -340,9 +290,9 @@ async fn ferrys_data_path_backs_up_and_restores_through_the_agent() {
 async fn sigterm_cancels_the_call_and_exits_canceled() {
     let s3 = S3Server::start().await;
     let dir = tempdir();
-    let repo = s3_repo(&s3, dir.path()).await;
+    let repo = support::s3_repository(&s3, dir.path(), "agent", "plugins/ferry/app").await;
     let socket = dir.path().join("dp.sock");
-    let _dp = ferry_datapath(&socket);
+    let _dp = support::ferry_datapath(&socket, None);
     let src: PathBuf = dir.path().join("big");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..8 {

@@ -5,80 +5,26 @@
 
 #[path = "../../engine/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
-use ferry_proto::datapath::Repository;
-
-/// A data path process, killed when dropped.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(mut cmd: Command, socket: &Path, log: &Path) -> Served {
-    let log = std::fs::File::create(log).unwrap();
-    let child = cmd
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env("FERRY_LOG", "info")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("starting the data path");
-    let served = Served(child);
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the data path did not create {} within 20 s",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    served
-}
 
 async fn kit_passes(name: &str, data_path: impl FnOnce(&Path) -> Command) {
     let s3 = S3Server::start().await;
-    s3.create_bucket("conformance").await;
     let dir = tempdir();
-    let creds = dir.path().join("credentials");
-    std::fs::write(
-        &creds,
-        format!(
-            "[default]\naws_access_key_id={}\naws_secret_access_key={}\n",
-            s3.access, s3.secret
-        ),
-    )
-    .unwrap();
-    let password = dir.path().join("password");
-    std::fs::write(&password, "conformance password\n").unwrap();
+    let repository =
+        support::s3_repository(&s3, dir.path(), "conformance", &format!("{name}/ns1")).await;
     let socket = dir.path().join("datapath.sock");
     let log = dir.path().join("datapath.log");
-    let served = serve(data_path(&socket), &socket, &log);
+    let served = support::serve(data_path(&socket), &socket, Some(&log));
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let kit = ferry_conformance::Kit {
         socket: socket.clone(),
-        repository: Repository {
-            provider: "aws".into(),
-            bucket: "conformance".into(),
-            prefix: format!("{name}/ns1"),
-            endpoint: s3.endpoint.clone(),
-            region: "us-east-1".into(),
-            path_style: true,
-            credentials_file: creds.display().to_string(),
-            password_file: password.display().to_string(),
-            ..Default::default()
-        },
+        repository,
         work,
         big_volume_mib: 128,
     };

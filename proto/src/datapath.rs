@@ -43,6 +43,40 @@ pub const SOCKET_PATH: &str = "/ferry/run/datapath.sock";
 /// BackupStorageLocation names some (`Repository.ca_file` then points here).
 pub const CA_FILE: &str = "/ferry/run/ca.pem";
 
+/// One message of a call's stream, whatever the call: progress, or the one result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece<R> {
+    /// Progress so far.
+    Progress(Progress),
+    /// The call's result.
+    Result(R),
+}
+
+/// The stream messages of `Backup`, `Restore` and `Forget`, read alike.
+pub trait StreamEvent {
+    /// The call's result message.
+    type Result;
+    /// The message as a [`Piece`]; `None` for an empty message (a protocol breach).
+    fn piece(self) -> Option<Piece<Self::Result>>;
+}
+
+macro_rules! stream_event {
+    ($event:ty, $module:ident, $result:ty) => {
+        impl StreamEvent for $event {
+            type Result = $result;
+            fn piece(self) -> Option<Piece<$result>> {
+                Some(match self.event? {
+                    $module::Event::Progress(p) => Piece::Progress(p),
+                    $module::Event::Result(r) => Piece::Result(r),
+                })
+            }
+        }
+    };
+}
+stream_event!(BackupEvent, backup_event, BackupResult);
+stream_event!(RestoreEvent, restore_event, RestoreResult);
+stream_event!(ForgetEvent, forget_event, ForgetResult);
+
 impl GetInfoResponse {
     /// Whether the data path advertises `c`.
     pub fn can(&self, c: Capability) -> bool {
