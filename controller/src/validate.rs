@@ -93,12 +93,14 @@ pub fn label_value(s: &str) -> Result<(), &'static str> {
     }
 }
 
-/// A snapshot id as a DataUpload records it: 64 hex digits (never `latest` or a prefix).
+/// A snapshot id as a DataUpload recorded it. Its form is the data path's (Ferry's engine: 64 hex digits;
+/// another data path: its own), so the controller only bounds it: 1 to 512 visible ASCII characters. The
+/// data path checks the form (Ferry's refuses `latest` or a prefix: design 0004).
 pub fn snapshot_id(s: &str) -> Result<(), &'static str> {
-    if s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit()) {
+    if !s.is_empty() && s.len() <= 512 && s.bytes().all(|c| c.is_ascii_graphic()) {
         Ok(())
     } else {
-        Err("not a snapshot id (64 hex digits, as the DataUpload recorded it)")
+        Err("not a snapshot id (1 to 512 visible ASCII characters, as the DataUpload recorded it)")
     }
 }
 
@@ -446,8 +448,12 @@ mod tests {
         assert!(label_value("b1_X.2").is_ok());
         assert!(label_value("a=b").is_err());
         assert!(snapshot_id(&"0a".repeat(32)).is_ok());
-        assert!(snapshot_id("latest").is_err());
-        assert!(snapshot_id("abcd").is_err());
+        // Another data path's ids (the Go example's: 32 hex digits) are its own business.
+        assert!(snapshot_id("4ab12ad52a58f4c007daf97e67a2af60").is_ok());
+        assert!(snapshot_id("").is_err());
+        assert!(snapshot_id("a b").is_err());
+        assert!(snapshot_id("a\nb").is_err());
+        assert!(snapshot_id(&"a".repeat(513)).is_err());
     }
 
     #[test]
@@ -556,8 +562,8 @@ mod tests {
         }
 
         #[test]
-        fn tags_and_snapshot_ids(tag in "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", id in "[0-9a-fA-F]{64}",
-            other in "[0-9a-f]{0,63}|[0-9a-f]{65,80}") {
+        fn tags_and_snapshot_ids(tag in "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", id in "[!-~]{1,512}",
+            other in "|[!-~]{0,20}[ \t\n][!-~]{0,20}|[!-~]{513,600}") {
             prop_assert!(label_value(&tag).is_ok());
             prop_assert!(snapshot_id(&id).is_ok());
             prop_assert!(snapshot_id(&other).is_err());

@@ -124,9 +124,7 @@ impl DataPath for EngineDataPath {
         let r = req.into_inner();
         let target = self.target(r.repository.as_ref())?;
         let (path, _block) = volume(r.volume.as_ref())?;
-        if r.snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        snapshot_id(&r.snapshot_id)?;
         Ok(drive(
             deadline,
             |p| RestoreEvent {
@@ -284,6 +282,20 @@ macro_rules! has_deadline {
     )*};
 }
 has_deadline!(BackupRequest, RestoreRequest, ForgetRequest);
+
+/// A snapshot id of Ferry's engine: exactly 64 hex digits. The engine's own lookup also takes `latest` and
+/// unique prefixes (for people at a terminal); a restore through the API must name one snapshot exactly.
+fn snapshot_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("snapshot_id is required"));
+    }
+    if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(format!(
+            "snapshot_id {id:?} is not a snapshot id of Ferry's engine (64 hex digits)"
+        )));
+    }
+    Ok(())
+}
 
 /// The volume's path and whether it is a block device; a missing path is `FAILED_PRECONDITION`.
 fn volume(v: Option<&api::Volume>) -> Result<(PathBuf, bool), Status> {
@@ -513,4 +525,22 @@ async fn restore(
         files: doc.files,
         result: flatten(&serde_json::to_value(&doc).unwrap_or_default()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `latest` or a prefix would restore some other snapshot than the one the DataUpload recorded.
+    #[test]
+    fn only_whole_snapshot_ids_are_restored() {
+        assert!(snapshot_id(&"ab".repeat(32)).is_ok());
+        for bad in ["", "latest", "abcd", &"ab".repeat(31), &"zz".repeat(32)] {
+            assert_eq!(
+                snapshot_id(bad).map_err(|s| s.code()),
+                Err(tonic::Code::InvalidArgument),
+                "{bad:?}"
+            );
+        }
+    }
 }
