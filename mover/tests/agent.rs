@@ -8,110 +8,14 @@ mod common;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 use ferry_engine::testdata::pseudo_random;
+use ferry_proto::datapath as api;
 use ferry_proto::datapath::agent::{AgentJob, CrRef, agent_job::Call};
-use ferry_proto::datapath::data_path_server::{DataPath, DataPathServer};
-use ferry_proto::datapath::{self as api, Capability};
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
-
-/// How a fake data path misbehaves.
-#[derive(Debug, Clone, Copy)]
-enum Fake {
-    /// Two results.
-    TwoResults,
-    /// The stream ends OK without a result.
-    NoResult,
-    /// A result without a snapshot id.
-    NoSnapshotId,
-    /// Every Backup: UNAVAILABLE.
-    Unavailable,
-    /// Advertises filesystem volumes only.
-    NoBlock,
-}
-
-type Events<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl DataPath for Fake {
-    async fn get_info(
-        &self,
-        _: Request<api::GetInfoRequest>,
-    ) -> Result<Response<api::GetInfoResponse>, Status> {
-        Ok(Response::new(api::GetInfoResponse {
-            name: format!("fake-{self:?}"),
-            version: "0".into(),
-            api_version: api::API_VERSION.into(),
-            capabilities: [
-                Capability::Filesystem,
-                Capability::Backup,
-                Capability::Restore,
-            ]
-            .map(|c| c as i32)
-            .to_vec(),
-        }))
-    }
-
-    type BackupStream = Events<api::BackupEvent>;
-
-    async fn backup(
-        &self,
-        _: Request<api::BackupRequest>,
-    ) -> Result<Response<Self::BackupStream>, Status> {
-        let result = |id: &str| {
-            Ok(api::BackupEvent {
-                event: Some(api::backup_event::Event::Result(api::BackupResult {
-                    snapshot_id: id.into(),
-                    ..Default::default()
-                })),
-            })
-        };
-        let progress = Ok(api::BackupEvent {
-            event: Some(api::backup_event::Event::Progress(api::Progress::default())),
-        });
-        let events = match self {
-            Fake::TwoResults => vec![progress, result("a"), result("b")],
-            Fake::NoResult => vec![progress],
-            Fake::NoSnapshotId => vec![result("")],
-            Fake::Unavailable => return Err(Status::unavailable("fake: restarting")),
-            Fake::NoBlock => vec![result("a")],
-        };
-        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
-    }
-
-    type RestoreStream = Events<api::RestoreEvent>;
-
-    async fn restore(
-        &self,
-        _: Request<api::RestoreRequest>,
-    ) -> Result<Response<Self::RestoreStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    type ForgetStream = Events<api::ForgetEvent>;
-
-    async fn forget(
-        &self,
-        _: Request<api::ForgetRequest>,
-    ) -> Result<Response<Self::ForgetStream>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-}
-
-/// Serves `fake` on `socket` in this process.
-fn serve_fake(fake: Fake, socket: &Path) {
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(DataPathServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
-    );
-}
+use support::Fake;
 
 fn backup_job(volume: &Path, mode: api::VolumeMode, repo: api::Repository) -> AgentJob {
     AgentJob {
@@ -174,7 +78,7 @@ fn repo() -> api::Repository {
 async fn against_fake(fake: Fake, mode: api::VolumeMode) -> (i32, String) {
     let dir = tempdir();
     let socket = dir.path().join("dp.sock");
-    serve_fake(fake, &socket);
+    support::serve_fake(fake, &socket);
     let job = backup_job(dir.path(), mode, repo());
     finish(agent(&job, &socket, dir.path()), dir.path()).await
 }

@@ -74,3 +74,35 @@ async fn the_go_tar_example_passes_the_kit() {
     })
     .await;
 }
+
+/// The kit can fail: a data path that sends two results fails the round trip, naming the breach.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kit_fails_a_data_path_that_breaks_the_protocol() {
+    let dir = tempdir();
+    let socket = dir.path().join("fake.sock");
+    support::serve_fake(support::Fake::TwoResults, &socket);
+    let kit = ferry_conformance::Kit {
+        socket,
+        repository: ferry_proto::datapath::Repository {
+            bucket: "b".into(),
+            prefix: "root/ns".into(),
+            ..Default::default()
+        },
+        work: dir.path().to_path_buf(),
+        big_volume_mib: 1,
+    };
+    let outcomes = ferry_conformance::run(&kit).await;
+    let (table, ok) = ferry_conformance::table(&outcomes);
+    assert!(!ok, "{table}");
+    let round_trip = outcomes
+        .iter()
+        .find(|o| o.name == "backup_restore_round_trip")
+        .unwrap();
+    assert!(
+        round_trip
+            .result
+            .as_ref()
+            .is_err_and(|e| e.contains("a second result")),
+        "{table}"
+    );
+}

@@ -1,12 +1,17 @@
-//! What the data-path tests share: a data path process (killed when dropped) and an S3 repository on the
-//! test server with its credentials and password files.
+//! What the data-path tests share: a data path process (killed when dropped), fake data paths that break
+//! the API in one way each, and an S3 repository on the test server with its credentials and password files.
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use ferry_proto::datapath::Repository;
+use std::pin::Pin;
+
+use ferry_proto::datapath::data_path_server::{DataPath, DataPathServer};
+use ferry_proto::datapath::{self as api, Capability, Repository};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
 
 use crate::common::S3Server;
 
@@ -77,4 +82,97 @@ pub async fn s3_repository(s3: &S3Server, dir: &Path, bucket: &str, prefix: &str
         password_file: password.display().to_string(),
         ..Default::default()
     }
+}
+
+/// How a fake data path misbehaves.
+#[derive(Debug, Clone, Copy)]
+pub enum Fake {
+    /// Two results.
+    TwoResults,
+    /// The stream ends OK without a result.
+    NoResult,
+    /// A result without a snapshot id.
+    NoSnapshotId,
+    /// Every Backup: UNAVAILABLE.
+    Unavailable,
+    /// Advertises filesystem volumes only.
+    NoBlock,
+}
+
+pub type Events<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DataPath for Fake {
+    async fn get_info(
+        &self,
+        _: Request<api::GetInfoRequest>,
+    ) -> Result<Response<api::GetInfoResponse>, Status> {
+        Ok(Response::new(api::GetInfoResponse {
+            name: format!("fake-{self:?}"),
+            version: "0".into(),
+            api_version: api::API_VERSION.into(),
+            capabilities: [
+                Capability::Filesystem,
+                Capability::Backup,
+                Capability::Restore,
+            ]
+            .map(|c| c as i32)
+            .to_vec(),
+        }))
+    }
+
+    type BackupStream = Events<api::BackupEvent>;
+
+    async fn backup(
+        &self,
+        _: Request<api::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let result = |id: &str| {
+            Ok(api::BackupEvent {
+                event: Some(api::backup_event::Event::Result(api::BackupResult {
+                    snapshot_id: id.into(),
+                    ..Default::default()
+                })),
+            })
+        };
+        let progress = Ok(api::BackupEvent {
+            event: Some(api::backup_event::Event::Progress(api::Progress::default())),
+        });
+        let events = match self {
+            Fake::TwoResults => vec![progress, result("a"), result("b")],
+            Fake::NoResult => vec![progress],
+            Fake::NoSnapshotId => vec![result("")],
+            Fake::Unavailable => return Err(Status::unavailable("fake: restarting")),
+            Fake::NoBlock => vec![result("a")],
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
+    type RestoreStream = Events<api::RestoreEvent>;
+
+    async fn restore(
+        &self,
+        _: Request<api::RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type ForgetStream = Events<api::ForgetEvent>;
+
+    async fn forget(
+        &self,
+        _: Request<api::ForgetRequest>,
+    ) -> Result<Response<Self::ForgetStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+/// Serves `fake` on `socket` in this process.
+pub fn serve_fake(fake: Fake, socket: &Path) {
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DataPathServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
 }
