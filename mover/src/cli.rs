@@ -1,6 +1,6 @@
 //! Command-line interface: argument parsing, progress display and output formatting. The work is the
 //! engine's (`ferry_engine`: repository targets, backup, restore, forget, prune, check, demo) and, for
-//! `ferry pod ...`, the mover library's ([`ferry_mover::pod`]).
+//! `ferry agent` and `ferry datapath`, the mover library's ([`ferry_mover::agent`], [`ferry_mover::datapath`]).
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

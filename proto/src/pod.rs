@@ -18,8 +18,7 @@
 //!   consistent, and the agent exits [`EXIT_CANCELED`].
 //!
 //! Before the data-path API the contract was one container running `<mover> pod backup|restore|maintain`
-//! with flags and `FERRY_*` variables ([`ENV_S3_INSECURE_SKIP_TLS_VERIFY`] among them); `ferry pod` still
-//! implements it.
+//! with flags and `FERRY_*` variables; that contract is gone (design 0004).
 
 /// Mount point of the exposed volume in filesystem mode.
 pub const VOLUME_PATH: &str = "/ferry/volume";
@@ -40,7 +39,7 @@ pub fn holds_pem_certificate(bytes: &[u8]) -> bool {
     bytes.windows(BEGIN.len()).any(|w| w == BEGIN)
 }
 
-/// Environment variable of `ferry pod` set to `true` when the BSL says `insecureSkipTLSVerify: "true"` (the
+/// Environment variable the `ferry` CLI reads for `--s3-insecure-skip-tls-verify` (in a mover pod the
 /// data-path request carries `Repository.insecure_skip_tls_verify` instead).
 pub const ENV_S3_INSECURE_SKIP_TLS_VERIFY: &str = "FERRY_S3_INSECURE_SKIP_TLS_VERIFY";
 /// Scratch directory (index cache).
