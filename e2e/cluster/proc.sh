@@ -35,8 +35,16 @@ start() {
   local exe; exe=$(readlink -f "$(command -v "$1")")
   echo "---- $(date -Is) starting: $*" >>"$LOGS/$name.log"
   setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo "$! $exe" >"$(pidfile "$name")"
-  log "$name: started (pid $!)"
+  local child=$! i
+  # Until the child has exec'd, /proc/PID/exe is setsid's (or the shell's), and alive_pid would call the
+  # starting process gone: wait for the exec (or its end) before anyone checks.
+  for i in $(seq 50); do
+    [ "$(readlink "/proc/$child/exe" 2>/dev/null)" = "$exe" ] && break
+    running "$child" || break
+    sleep 0.1
+  done
+  echo "$child $exe" >"$(pidfile "$name")"
+  log "$name: started (pid $child)"
 }
 
 # running PID: the process exists and is not a zombie waiting to be reaped.
