@@ -66,6 +66,8 @@ pub trait MoverCr:
     fn source_namespace(&self) -> &str;
     /// `spec.dataMoverConfig[key]`.
     fn mover_config(&self, key: &str) -> Option<&str>;
+    /// All of `spec.dataMoverConfig`, as the data-path request carries it.
+    fn mover_config_map(&self) -> std::collections::HashMap<String, String>;
     /// Current phase (`""` and absent are New).
     fn phase(&self) -> Phase;
     /// Status fields, created if absent.
@@ -112,6 +114,14 @@ macro_rules! impl_mover_cr {
                     .as_ref()?
                     .get(key)
                     .map(String::as_str)
+            }
+            fn mover_config_map(&self) -> std::collections::HashMap<String, String> {
+                self.spec
+                    .data_mover_config
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect()
             }
             fn phase(&self) -> Phase {
                 self.status.as_ref().map(|s| s.phase).unwrap_or_default()

@@ -98,13 +98,7 @@ pub fn restore_request(
         snapshot_id: dd.spec.snapshot_id.clone(),
         backup_result: Default::default(),
         deadline_unix_ms: 0,
-        mover_config: dd
-            .spec
-            .data_mover_config
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        mover_config: dd.mover_config_map(),
     }
 }
 

@@ -11,6 +11,7 @@ use ferry_proto::velero::{DataMoveProgress, DataUpload, DataUploadStatus};
 use kube::ResourceExt;
 
 use crate::context::Context;
+use crate::cr::MoverCr as _;
 use crate::error::Result;
 use crate::expose::{Exposure, snapshot};
 use crate::flow::{Flow, delete_pods_and_pvcs};
@@ -105,13 +106,7 @@ pub fn backup_request(du: &DataUpload, repository: Repository, volume: Volume) -
         tags,
         parent_snapshot_id: String::new(),
         deadline_unix_ms: 0,
-        mover_config: du
-            .spec
-            .data_mover_config
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        mover_config: du.mover_config_map(),
     }
 }
 
