@@ -6,10 +6,12 @@
 //! holder of the maintenance lease writes it. Format: `design/0001-repository-format.md`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::age;
 use crate::crypto::Kind;
 use crate::error::{Error, Result};
 use crate::id::PackId;
@@ -25,8 +27,25 @@ const STATE_VERSION: u32 = 2;
 pub struct Mark {
     /// The generation of the first state that listed it (its candidacy has been unbroken since).
     pub generation: u64,
-    /// Unix time (storage clock) it was first listed.
+    /// Unix time (storage clock) it was first listed, rounded up to the second.
     pub since: u64,
+}
+
+impl Mark {
+    /// A pack first listed in `generation` at `now`. The time is rounded *up* to the second, so a
+    /// candidate never looks older than it is: rounded down, a 1 s grace could end 0.1 s after the mark.
+    pub fn new(generation: u64, now: SystemTime) -> Mark {
+        let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let since = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        Mark { generation, since }
+    }
+
+    /// Whether the pack may go at `now`: every live backup has seen the mark (`seen_by_all`, the lowest
+    /// generation a live backup lease names) and it has been a candidate for `grace`.
+    pub fn is_due(&self, seen_by_all: u64, now: SystemTime, grace: Duration) -> bool {
+        self.generation <= seen_by_all
+            && age(now, UNIX_EPOCH + Duration::from_secs(self.since)) >= grace
+    }
 }
 
 /// The prune state.
@@ -111,4 +130,37 @@ pub async fn save(repo: &Repository, state: &PruneState) -> Result<()> {
     let plain = serde_json::to_vec(&f).map_err(|e| Error::Format(e.to_string()))?;
     let sealed = pack::encode(repo.keys(), Kind::PruneState, &plain, false)?;
     repo.backend().put(STATE_KEY, Bytes::from(sealed)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_800_000_000;
+
+    fn at(secs: u64, millis: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn a_mark_is_not_due_before_its_grace_has_passed() {
+        // Marked at .950, looked at 100 ms later: a 1 s grace has not passed (CI saw the round-down
+        // version delete such a pack in the same prune that marked it).
+        let mark = Mark::new(3, at(T0, 950));
+        assert!(!mark.is_due(u64::MAX, at(T0 + 1, 50), Duration::from_secs(1)));
+        assert!(!mark.is_due(u64::MAX, at(T0 + 1, 949), Duration::from_secs(1)));
+        assert!(mark.is_due(u64::MAX, at(T0 + 2, 0), Duration::from_secs(1)));
+        // A whole second is exact.
+        let whole = Mark::new(3, at(T0, 0));
+        assert_eq!(whole.since, T0);
+        assert!(whole.is_due(u64::MAX, at(T0 + 1, 0), Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_mark_waits_for_every_live_backup_to_have_seen_it() {
+        let mark = Mark::new(5, at(T0, 0));
+        let later = at(T0 + 3600, 0);
+        assert!(!mark.is_due(4, later, Duration::ZERO));
+        assert!(mark.is_due(5, later, Duration::ZERO));
+    }
 }

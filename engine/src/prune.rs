@@ -18,7 +18,6 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::candidates::{self, Mark, PruneState};
-use crate::clock::{age, unix_seconds};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::{IndexPack, IndexSegment};
@@ -247,10 +246,11 @@ async fn run(
         candidates: BTreeMap::new(),
     };
     for p in view.candidates(&listed) {
-        let mark = old.candidates.get(&p).copied().unwrap_or(Mark {
-            generation,
-            since: unix_seconds(now),
-        });
+        let mark = old
+            .candidates
+            .get(&p)
+            .copied()
+            .unwrap_or_else(|| Mark::new(generation, now));
         marked.candidates.insert(p, mark);
     }
     lease.ensure_held().await?;
@@ -270,13 +270,7 @@ async fn run(
     let due: HashSet<PackId> = marked
         .candidates
         .iter()
-        .filter(|(_, m)| {
-            m.generation <= seen_by_all
-                && age(
-                    leases.now,
-                    std::time::UNIX_EPOCH + Duration::from_secs(m.since),
-                ) >= opts.grace
-        })
+        .filter(|(_, m)| m.is_due(seen_by_all, leases.now, opts.grace))
         .map(|(p, _)| *p)
         .collect();
 
