@@ -126,8 +126,9 @@ impl Kit {
                 mode: mode as i32,
                 path: path.display().to_string(),
             }),
+            // As in production: the snapshot id is all a restore gets from its backup (backup_result stays
+            // empty in v1, design/0004).
             snapshot_id: result.snapshot_id.clone(),
-            backup_result: result.result.clone(),
             ..Default::default()
         }
     }

@@ -1,8 +1,6 @@
 //! DataUpload: the backup flow. The volume is the CSI snapshot Velero hands over, exposed by
 //! [`crate::expose::snapshot`]; on success the mover's snapshot is recorded where Velero reads it.
 
-use std::collections::BTreeMap;
-
 use ferry_proto::datapath::agent::agent_job::Call;
 use ferry_proto::datapath::{BackupRequest, Repository, Source, Volume};
 use ferry_proto::labels::{TAG_BACKUP_NAME, TAG_BACKUP_UID};
@@ -58,7 +56,9 @@ impl Flow for DataUpload {
         s.node_os = Some("linux".into());
         s.path = Some(ferry_proto::pod::VOLUME_PATH.into());
         s.message = (r.total_bytes == 0).then(|| "volume was empty so no data was upload".into());
-        s.data_mover_result = Some(BTreeMap::from([
+        // The data path's own entries first; Ferry's keys below win over any of the same name.
+        let mut result = r.result;
+        result.extend([
             ("repository".to_string(), repo),
             ("snapshotID".to_string(), r.snapshot_id),
             ("files".to_string(), r.files.to_string()),
@@ -69,7 +69,8 @@ impl Flow for DataUpload {
                 "incrementalBytes".to_string(),
                 r.incremental_bytes.to_string(),
             ),
-        ]));
+        ]);
+        s.data_mover_result = Some(result);
         Ok(Step::Done(done))
     }
 
@@ -113,6 +114,8 @@ pub fn backup_request(du: &DataUpload, repository: Repository, volume: Volume) -
 #[cfg(test)]
 mod tests {
     //! The backup flow's own steps against kube's mock service.
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::testing::{ctx, du, echo_or, serve};
     use serde_json::json;
@@ -165,6 +168,13 @@ mod tests {
             files: 2,
             dirs: 1,
             version: ferry_proto::result::RESULT_VERSION,
+            result: BTreeMap::from([
+                (
+                    "object".to_string(),
+                    "plugins/acme/ns/s1.tar.gz".to_string(),
+                ),
+                ("snapshotID".to_string(), "a data path's own".to_string()),
+            ]),
         };
         let step = cr
             .complete(&ctx, "node-b", "{}", r)
@@ -181,7 +191,11 @@ mod tests {
         assert_eq!(s.node.as_deref(), Some("node-b"));
         assert_eq!(s.message, None);
         let result = s.data_mover_result.expect("dataMoverResult");
-        assert_eq!(result["snapshotID"], "s1");
+        assert_eq!(result["snapshotID"], "s1", "Ferry's keys win");
+        assert_eq!(
+            result["object"], "plugins/acme/ns/s1.tar.gz",
+            "the data path's entries are kept"
+        );
         assert_eq!(result["incrementalBytes"], "4");
         assert_eq!(result["repository"], "");
     }

@@ -124,6 +124,18 @@ fn values_reach_the_config_and_the_rbac() -> Result<()> {
         Some(vec!["datapath".to_string()])
     );
     assert_eq!(config.agent.image, "registry.example/ferry-mover:v8");
+    // `compression` becomes an argument of Ferry's data path.
+    let zstd = Config::from_yaml(&config_text(&render(&[
+        "veleroNamespace=v",
+        "compression=zstd:7",
+    ])?)?)?;
+    assert_eq!(
+        zstd.mover(Some("ferry")).map(|m| m.args.clone()),
+        Some(vec![
+            "datapath".to_string(),
+            "--compression=zstd:7".to_string()
+        ])
+    );
     for d in &docs {
         let (kind, name) = (&d["kind"], &d["metadata"]["name"]);
         match d["metadata"]["namespace"].as_str() {

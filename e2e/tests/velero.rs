@@ -347,6 +347,9 @@ fn velero_backup_restore_incremental() {
         ensure!(dus5.len() == 3 && dus5.iter().all(|d| d.1 == "Completed" && d.4 == "tar-example" && d.2 > 0), "{dus5:?}");
         let described = c.kubectl_output(&["-n", VELERO_NS, "describe", "dataupload", &dus5[0].0])?;
         ensure!(described.contains("FerryCompleted"), "no progress events in kubectl describe:\n{described}");
+        // The data path's own result entries reach the DataUpload (the example names its tar object).
+        let object = c.kubectl_output(&["-n", VELERO_NS, "get", "dataupload", &dus5[0].0, "-o", "jsonpath={.status.dataMoverResult.object}"])?;
+        ensure!(object.contains("/plugins/tar-example/") && object.ends_with(".tar.gz"), "dataMoverResult.object: {object:?}");
         assert_nothing_left(&c)?;
         c.kubectl_output(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"])?;
         let r5 = format!("{ns}-r5");

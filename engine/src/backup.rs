@@ -31,7 +31,7 @@ use bytes::Bytes;
 use crossbeam_channel as cb;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use crate::chunker::Chunker;
+use crate::chunker::{Chunk, Chunker};
 use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
@@ -119,12 +119,39 @@ struct Shared {
     read_bytes: std::sync::atomic::AtomicU64,
     /// Set when the walk failed: readers drop their remaining jobs instead of reading them.
     stop: std::sync::atomic::AtomicBool,
+    /// Id of the all-zero chunk of the chunker's largest size (how long zero runs come), hashed once.
+    zero_max: std::sync::OnceLock<BlobId>,
 }
 
 impl Shared {
     /// Queues a blob unless the repository or this backup already has it.
     fn store(&self, tx: &cb::Sender<NewBlob>, kind: BlobKind, data: Bytes) -> Result<BlobId> {
         let id = self.repo.keys().blob_id(&data);
+        self.store_as(tx, kind, id, data.len(), || data)
+    }
+
+    /// A data chunk: zero runs are not hashed again, nor their bytes copied, unless new to the repository.
+    fn store_chunk(&self, tx: &cb::Sender<NewBlob>, chunk: Chunk) -> Result<BlobId> {
+        match chunk {
+            Chunk::Zeros(n) if n == self.chunker.max_size() => {
+                let id = *self
+                    .zero_max
+                    .get_or_init(|| self.repo.keys().blob_id(&vec![0u8; n]));
+                self.store_as(tx, BlobKind::Data, id, n, || Chunk::Zeros(n).into_bytes())
+            }
+            other => self.store(tx, BlobKind::Data, other.into_bytes()),
+        }
+    }
+
+    /// Queues blob `id` (`len` bytes, made by `data`) unless the repository or this backup already has it.
+    fn store_as(
+        &self,
+        tx: &cb::Sender<NewBlob>,
+        kind: BlobKind,
+        id: BlobId,
+        len: usize,
+        data: impl FnOnce() -> Bytes,
+    ) -> Result<BlobId> {
         if self.index.contains(&id) {
             return Ok(id);
         }
@@ -132,10 +159,14 @@ impl Shared {
             return Ok(id);
         }
         if kind == BlobKind::Data {
-            Progress::add(&self.progress.bytes_new, data.len() as u64);
+            Progress::add(&self.progress.bytes_new, len as u64);
         }
-        tx.send(NewBlob { kind, id, data })
-            .map_err(|_| pipeline_stopped())?;
+        tx.send(NewBlob {
+            kind,
+            id,
+            data: data(),
+        })
+        .map_err(|_| pipeline_stopped())?;
         Ok(id)
     }
 
@@ -161,7 +192,7 @@ impl Shared {
                     return Err(pipeline_stopped());
                 }
                 let n = chunk.len() as u64;
-                ids.push(self.store(tx, BlobKind::Data, chunk)?);
+                ids.push(self.store_chunk(tx, chunk)?);
                 Progress::add(&self.progress.bytes_done, n);
                 self.read_bytes
                     .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -471,6 +502,7 @@ async fn run(
         rt: tokio::runtime::Handle::current(),
         read_bytes: Default::default(),
         stop: Default::default(),
+        zero_max: Default::default(),
     });
     let pack_size = repo.config().pack_size as usize;
     let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
@@ -500,8 +532,12 @@ async fn run(
                         );
                         std::thread::spawn(move || -> Result<()> {
                             for b in rx {
-                                let stored =
-                                    pack::encode_blob(shared.repo.keys(), b.kind, &b.data)?;
+                                let stored = pack::encode_blob(
+                                    shared.repo.keys(),
+                                    b.kind,
+                                    &b.data,
+                                    shared.repo.config().compression,
+                                )?;
                                 let full = {
                                     let mut p = packers[(b.kind == BlobKind::Tree) as usize]
                                         .lock()

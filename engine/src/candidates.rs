@@ -128,7 +128,7 @@ pub async fn save(repo: &Repository, state: &PruneState) -> Result<()> {
             .collect(),
     };
     let plain = serde_json::to_vec(&f).map_err(|e| Error::Format(e.to_string()))?;
-    let sealed = pack::encode(repo.keys(), Kind::PruneState, &plain, false)?;
+    let sealed = pack::encode(repo.keys(), Kind::PruneState, &plain, None)?;
     repo.backend().put(STATE_KEY, Bytes::from(sealed)).await
 }
 

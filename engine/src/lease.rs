@@ -151,7 +151,7 @@ impl Inner {
             i.clone()
         };
         let plain = serde_json::to_vec(&info).map_err(|e| Error::Format(e.to_string()))?;
-        let sealed = pack::encode(self.repo.keys(), Kind::Lease, &plain, false)?;
+        let sealed = pack::encode(self.repo.keys(), Kind::Lease, &plain, None)?;
         self.repo
             .backend()
             .put(&self.key, Bytes::from(sealed))

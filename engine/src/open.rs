@@ -37,6 +37,8 @@ pub struct Target {
     pub no_cache: bool,
     /// Hard size limit of the cache, in bytes.
     pub cache_limit: u64,
+    /// How a repository created here compresses (an existing one keeps its own).
+    pub compression: crate::pack::Compression,
 }
 
 impl Target {
@@ -134,10 +136,11 @@ impl Target {
 
     /// Creates the repository.
     pub async fn init(&self) -> Result<Config> {
-        Repository::init(
+        Repository::init_with(
             self.backend().await?,
             &self.password()?,
             KdfParams::default(),
+            self.compression,
         )
         .await
     }

@@ -1,8 +1,9 @@
 //! Pack files and blob encoding.
 //!
 //! A blob's stored form is an envelope (see [`crate::crypto`]) around `compression (1) || payload`, where
-//! compression is 0 (raw) or 1 (LZ4 block with its length prefixed). Data blobs are stored raw when LZ4
-//! does not save at least 1/64 of the size.
+//! compression is 0 (raw), 1 (LZ4 block with its length prefixed) or 2 (a Zstandard frame with its length
+//! prefixed). Which one a repository writes is its [`Compression`]; every object says how it was stored,
+//! so one repository may hold all three. Data is stored raw when compressing does not save at least 1/64.
 //!
 //! A pack is `blob envelope… || header envelope || header length (u32 LE) || "FERRYPK1"`. The header
 //! (postcard [`PackHeader`]) lists every blob with its offset and lengths, so the index can be rebuilt from
@@ -21,6 +22,73 @@ pub const PACK_MAGIC: &[u8; 8] = b"FERRYPK1";
 pub const PACK_VERSION: u32 = 1;
 const COMPRESS_NONE: u8 = 0;
 const COMPRESS_LZ4: u8 = 1;
+const COMPRESS_ZSTD: u8 = 2;
+
+/// How a repository compresses what it writes (its config; `lz4` for repositories made before it existed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Compression {
+    /// LZ4: the fastest; the default.
+    #[default]
+    Lz4,
+    /// Zstandard at this level (1–19): smaller, slower.
+    Zstd(i32),
+    /// Per object, from a sample: Zstandard level 3 for text-like data (LZ4 saves a third or more of the
+    /// sample), LZ4 for data that compresses a little, raw for the rest.
+    Auto,
+}
+
+/// Highest Zstandard level accepted (levels above 19 need far more memory to compress).
+const ZSTD_MAX_LEVEL: i32 = 19;
+/// The level [`Compression::Auto`] uses for text-like data.
+const AUTO_ZSTD_LEVEL: i32 = 3;
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `lz4`, `auto`, `zstd` (level 3) or `zstd:LEVEL`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lz4" => Ok(Compression::Lz4),
+            "auto" => Ok(Compression::Auto),
+            "zstd" => Ok(Compression::Zstd(AUTO_ZSTD_LEVEL)),
+            _ => {
+                let level = s
+                    .strip_prefix("zstd:")
+                    .and_then(|l| l.parse::<i32>().ok())
+                    .filter(|l| (1..=ZSTD_MAX_LEVEL).contains(l));
+                level.map(Compression::Zstd).ok_or_else(|| {
+                    format!(
+                        "compression {s:?}: use lz4, auto, zstd or zstd:LEVEL (1-{ZSTD_MAX_LEVEL})"
+                    )
+                })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Lz4 => f.write_str("lz4"),
+            Compression::Zstd(l) => write!(f, "zstd:{l}"),
+            Compression::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl TryFrom<String> for Compression {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Compression> for String {
+    fn from(c: Compression) -> String {
+        c.to_string()
+    }
+}
 
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,43 +132,84 @@ pub struct PackHeader {
     pub blobs: Vec<PackEntry>,
 }
 
-/// Whether LZ4 is worth trying: for large inputs, a 32 KiB sample from the middle must compress by at
-/// least 3%, which skips random or already-compressed data at almost no cost.
-fn looks_compressible(data: &[u8]) -> bool {
+/// How one object is stored, from a 32 KiB sample of the middle of large inputs (compressed with LZ4 at
+/// almost no cost): random or already-compressed data (saving under 3%) is not compressed at all.
+fn method(compression: Compression, data: &[u8]) -> u8 {
     const SAMPLE: usize = 32 * 1024;
-    if data.len() < 4 * SAMPLE {
-        return true;
+    let saved = if data.len() < 4 * SAMPLE {
+        None // small: just try
+    } else {
+        let mid = data.len() / 2;
+        let sample = &data[mid - SAMPLE / 2..mid + SAMPLE / 2];
+        Some(SAMPLE.saturating_sub(lz4_flex::compress(sample).len()))
+    };
+    match (compression, saved) {
+        (_, Some(s)) if s < SAMPLE / 32 => COMPRESS_NONE,
+        (Compression::Lz4, _) => COMPRESS_LZ4,
+        (Compression::Zstd(_), _) => COMPRESS_ZSTD,
+        (Compression::Auto, Some(s)) if s < SAMPLE / 3 => COMPRESS_LZ4,
+        (Compression::Auto, _) => COMPRESS_ZSTD,
     }
-    let mid = data.len() / 2;
-    let sample = &data[mid - SAMPLE / 2..mid + SAMPLE / 2];
-    lz4_flex::compress(sample).len() < SAMPLE - SAMPLE / 32
 }
 
-/// Compresses (when worth it) and encrypts a blob or metadata object.
-pub fn encode(keys: &Keys, kind: Kind, plaintext: &[u8], try_compress: bool) -> Result<Vec<u8>> {
+/// Compresses (per `compression`, when worth it; `None`: never) and encrypts a blob or metadata object.
+pub fn encode(
+    keys: &Keys,
+    kind: Kind,
+    plaintext: &[u8],
+    compression: Option<Compression>,
+) -> Result<Vec<u8>> {
     let raw = |body: &mut Vec<u8>| {
         body.push(COMPRESS_NONE);
         body.extend_from_slice(plaintext);
     };
-    if !(try_compress && looks_compressible(plaintext)) {
+    let how = compression.map_or(COMPRESS_NONE, |c| method(c, plaintext));
+    if how == COMPRESS_NONE {
         return keys.seal_filled(kind, plaintext.len() + 1, raw);
     }
-    // Compress straight into the envelope (flag, u32 length, LZ4 block); keep it raw when that does not
-    // save at least 1/64.
-    let max = lz4_flex::block::get_maximum_output_size(plaintext.len());
+    let level = match compression {
+        Some(Compression::Zstd(l)) => l,
+        _ => AUTO_ZSTD_LEVEL,
+    };
+    // Compress straight into the envelope (flag, u32 length, LZ4 block or Zstandard frame); keep it raw when
+    // that does not save at least 1/64.
+    let max = match how {
+        COMPRESS_LZ4 => lz4_flex::block::get_maximum_output_size(plaintext.len()),
+        _ => zstd::zstd_safe::compress_bound(plaintext.len()),
+    };
     keys.seal_filled(kind, (1 + 4 + max).max(plaintext.len() + 1), |body| {
         let start = body.len();
-        body.push(COMPRESS_LZ4);
+        body.push(how);
         body.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
         let at = body.len();
         body.resize(at + max, 0);
-        match lz4_flex::block::compress_into(plaintext, &mut body[at..]) {
-            Ok(n) if n + plaintext.len() / 64 < plaintext.len() => body.truncate(at + n),
+        let out = &mut body[at..];
+        let written = match how {
+            COMPRESS_LZ4 => lz4_flex::block::compress_into(plaintext, out).ok(),
+            _ => zstd_compress(plaintext, out, level),
+        };
+        match written {
+            Some(n) if n + plaintext.len() / 64 < plaintext.len() => body.truncate(at + n),
             _ => {
                 body.truncate(start);
                 raw(body);
             }
         }
+    })
+}
+
+/// Zstandard into `out` with this thread's compression context (kept between objects of the same level).
+fn zstd_compress(plaintext: &[u8], out: &mut [u8], level: i32) -> Option<usize> {
+    thread_local! {
+        static CTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CTX.with_borrow_mut(|ctx| {
+        if ctx.as_ref().is_none_or(|(l, _)| *l != level) {
+            *ctx = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, c) = ctx.as_mut()?;
+        c.compress_to_buffer(plaintext, out).ok()
     })
 }
 
@@ -116,6 +225,22 @@ pub fn decode(keys: &Keys, kind: Kind, stored: &[u8]) -> Result<Vec<u8>> {
         }
         Some(&COMPRESS_LZ4) => lz4_flex::decompress_size_prepended(&body[1..])
             .map_err(|e| Error::Integrity(format!("{kind:?} object does not decompress: {e}"))),
+        Some(&COMPRESS_ZSTD) => {
+            let bad =
+                |e: String| Error::Integrity(format!("{kind:?} object does not decompress: {e}"));
+            let len = body
+                .get(1..5)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or_else(|| bad("no length".into()))?;
+            let plain = zstd::bulk::decompress(&body[5..], len).map_err(|e| bad(e.to_string()))?;
+            if plain.len() != len {
+                return Err(bad(format!(
+                    "{} bytes where {len} were declared",
+                    plain.len()
+                )));
+            }
+            Ok(plain)
+        }
         other => Err(Error::Format(format!(
             "{kind:?} object has unknown compression {other:?}"
         ))),
@@ -123,8 +248,13 @@ pub fn decode(keys: &Keys, kind: Kind, stored: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// Encodes a blob for a pack.
-pub fn encode_blob(keys: &Keys, kind: BlobKind, plaintext: &[u8]) -> Result<Vec<u8>> {
-    encode(keys, kind.crypto_kind(), plaintext, true)
+pub fn encode_blob(
+    keys: &Keys,
+    kind: BlobKind,
+    plaintext: &[u8],
+    compression: Compression,
+) -> Result<Vec<u8>> {
+    encode(keys, kind.crypto_kind(), plaintext, Some(compression))
 }
 
 /// Decodes a blob and checks that its plaintext has the expected id.
@@ -210,7 +340,7 @@ impl PackWriter {
         };
         let plain =
             postcard::to_stdvec(&header).map_err(|e| Error::Format(format!("pack header: {e}")))?;
-        let sealed = encode(keys, Kind::PackHeader, &plain, true)?;
+        let sealed = encode(keys, Kind::PackHeader, &plain, Some(Compression::Lz4))?;
         let mut buf = std::mem::take(&mut self.buf);
         buf.extend_from_slice(&sealed);
         buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
@@ -276,7 +406,7 @@ mod tests {
             w.add(
                 id,
                 b.len(),
-                &encode_blob(&keys, BlobKind::Data, b).expect("encode"),
+                &encode_blob(&keys, BlobKind::Data, b, Compression::Lz4).expect("encode"),
             );
         }
         let p = w.finish(&keys).expect("finish");
@@ -307,7 +437,7 @@ mod tests {
             let keys = Keys::generate().expect("keys");
             let mut w = PackWriter::new(BlobKind::Tree, 1 << 16);
             for b in &blobs {
-                w.add(keys.blob_id(b), b.len(), &encode_blob(&keys, BlobKind::Tree, b).expect("encode"));
+                w.add(keys.blob_id(b), b.len(), &encode_blob(&keys, BlobKind::Tree, b, Compression::Lz4).expect("encode"));
             }
             let p = w.finish(&keys).expect("finish");
             let h = read_header(&keys, &p.id, &p.bytes).expect("header");
@@ -328,7 +458,112 @@ mod tests {
     #[test]
     fn wrong_id_is_rejected() {
         let keys = Keys::generate().expect("keys");
-        let s = encode_blob(&keys, BlobKind::Data, b"abc").expect("encode");
+        let s = encode_blob(&keys, BlobKind::Data, b"abc", Compression::Lz4).expect("encode");
         assert!(decode_blob(&keys, BlobKind::Data, &keys.blob_id(b"abd"), &s).is_err());
+    }
+
+    /// Log-like text (compresses well), text mixed with random bytes (a little), random (not at all).
+    fn samples() -> [(&'static str, Vec<u8>); 3] {
+        let text: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| {
+                format!("2026-11-26 INFO request {i} served in {} ms\n", i % 97).into_bytes()
+            })
+            .collect();
+        let some: Vec<u8> = crate::testdata::pseudo_random(600_000, 4)
+            .chunks(60)
+            .zip(text.chunks(20))
+            .flat_map(|(r, t)| r.iter().chain(t).copied().collect::<Vec<u8>>())
+            .collect();
+        [
+            ("text", text),
+            ("some", some),
+            ("random", crate::testdata::pseudo_random(600_000, 5)),
+        ]
+    }
+
+    /// The compression byte of a stored object.
+    fn method_of(keys: &Keys, stored: &[u8]) -> u8 {
+        keys.open(Kind::Data, stored).expect("open")[0]
+    }
+
+    #[test]
+    fn every_compression_round_trips_and_picks_as_documented() {
+        let keys = Keys::generate().expect("keys");
+        let [text, some, random] = samples();
+        let expect = [
+            (
+                Compression::Lz4,
+                [COMPRESS_LZ4, COMPRESS_LZ4, COMPRESS_NONE],
+            ),
+            (
+                Compression::Zstd(3),
+                [COMPRESS_ZSTD, COMPRESS_ZSTD, COMPRESS_NONE],
+            ),
+            (
+                Compression::Zstd(19),
+                [COMPRESS_ZSTD, COMPRESS_ZSTD, COMPRESS_NONE],
+            ),
+            (
+                Compression::Auto,
+                [COMPRESS_ZSTD, COMPRESS_LZ4, COMPRESS_NONE],
+            ),
+        ];
+        for (c, methods) in expect {
+            for ((name, data), want) in [&text, &some, &random].into_iter().zip(methods) {
+                let id = keys.blob_id(data);
+                let stored = encode_blob(&keys, BlobKind::Data, data, c).expect("encode");
+                assert_eq!(method_of(&keys, &stored), want, "{c} on {name}");
+                let back = decode_blob(&keys, BlobKind::Data, &id, &stored).expect("decode");
+                assert!(back == *data, "{c} on {name}: round trip");
+            }
+        }
+        // Zstandard is what makes text small.
+        let size = |c| {
+            encode_blob(&keys, BlobKind::Data, &text.1, c)
+                .expect("encode")
+                .len()
+        };
+        assert!(size(Compression::Zstd(3)) * 3 < size(Compression::Lz4) * 2);
+    }
+
+    #[test]
+    fn a_zstd_object_with_a_wrong_length_is_an_integrity_error() {
+        let keys = Keys::generate().expect("keys");
+        let text = samples()[0].1.clone();
+        let stored = encode(&keys, Kind::Data, &text, Some(Compression::Zstd(1))).expect("encode");
+        let mut body = keys.open(Kind::Data, &stored).expect("open");
+        body[1..5].copy_from_slice(&(text.len() as u32 - 1).to_le_bytes());
+        let forged = keys.seal(Kind::Data, &body).expect("seal");
+        let e = decode(&keys, Kind::Data, &forged).expect_err("a wrong length decodes");
+        assert!(matches!(e, Error::Integrity(_)), "{e:?}");
+    }
+
+    #[test]
+    fn compression_names_parse_and_print() {
+        for (s, c) in [
+            ("lz4", Compression::Lz4),
+            ("auto", Compression::Auto),
+            ("zstd:1", Compression::Zstd(1)),
+            ("zstd:19", Compression::Zstd(19)),
+        ] {
+            assert_eq!(s.parse::<Compression>(), Ok(c));
+            assert_eq!(c.to_string(), s);
+        }
+        assert_eq!("zstd".parse::<Compression>(), Ok(Compression::Zstd(3)));
+        for bad in ["", "gzip", "zstd:0", "zstd:20", "zstd:x", "LZ4"] {
+            let e = bad.parse::<Compression>().expect_err(bad);
+            assert!(e.contains("use lz4, auto, zstd or zstd:LEVEL"), "{e}");
+        }
+        // In the config: a string; absent in configs written before it existed.
+        #[derive(Deserialize)]
+        struct C {
+            #[serde(default)]
+            compression: Compression,
+        }
+        let old: C = serde_json::from_str("{}").expect("old config");
+        assert_eq!(old.compression, Compression::Lz4);
+        let new: C = serde_json::from_str(r#"{"compression":"zstd:7"}"#).expect("new config");
+        assert_eq!(new.compression, Compression::Zstd(7));
+        assert!(serde_json::from_str::<C>(r#"{"compression":"zstd:99"}"#).is_err());
     }
 }

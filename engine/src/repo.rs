@@ -19,7 +19,7 @@ use crate::crypto::{self, KdfParams, Keys, Kind};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, IndexId, PackId, SnapshotId, storage_hash};
 use crate::index::{BlobLocation, Index, IndexSegment};
-use crate::pack::{self, BlobKind};
+use crate::pack::{self, BlobKind, Compression};
 use crate::snapshot::Snapshot;
 use crate::tree::Tree;
 
@@ -41,6 +41,9 @@ pub struct Config {
     pub chunker: ChunkerParams,
     /// Target pack size in bytes.
     pub pack_size: u32,
+    /// How new objects are compressed (`lz4` when absent: repositories made before it existed).
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// A password-wrapped master key (stored in plain JSON under `keys/`).
@@ -118,11 +121,21 @@ async fn exists(b: &dyn Backend, key: &str) -> Result<bool> {
 }
 
 impl Repository {
-    /// Creates a new repository protected by `password`.
+    /// Creates a new repository protected by `password`, compressing with LZ4.
     pub async fn init(
         backend: Arc<dyn Backend>,
         password: &[u8],
         kdf: KdfParams,
+    ) -> Result<Config> {
+        Self::init_with(backend, password, kdf, Compression::default()).await
+    }
+
+    /// Creates a new repository protected by `password` that compresses with `compression`.
+    pub async fn init_with(
+        backend: Arc<dyn Backend>,
+        password: &[u8],
+        kdf: KdfParams,
+        compression: Compression,
     ) -> Result<Config> {
         if exists(backend.as_ref(), "config").await? {
             return Err(Error::AlreadyInitialised(backend.location()));
@@ -140,13 +153,14 @@ impl Repository {
             id: hex::encode(rid),
             chunker: ChunkerParams::default(),
             pack_size: DEFAULT_PACK_SIZE,
+            compression,
         };
         // The key file first (content-addressed, harmless if orphaned), then the config with a conditional
         // put: of two racing inits exactly one wins, the other removes its key file and reports
         // AlreadyInitialised, so no backup is ever written under a master key that lost the race.
         let key_name = Self::add_key(backend.as_ref(), &keys, password, kdf).await?;
         let plain = serde_json::to_vec(&config).map_err(|e| Error::Format(e.to_string()))?;
-        let ours = Bytes::from(pack::encode(&keys, Kind::Config, &plain, false)?);
+        let ours = Bytes::from(pack::encode(&keys, Kind::Config, &plain, None)?);
         let mut won = backend.put_if_absent("config", ours.clone()).await?;
         if won && !backend.settle_delay().is_zero() {
             // Not every S3 server makes the condition atomic: read back after a while, and the one whose
@@ -331,7 +345,7 @@ impl Repository {
 
     /// Stores a content-addressed metadata object and returns its id.
     async fn write_named(&self, kind: Kind, dir: &str, plain: &[u8]) -> Result<[u8; 32]> {
-        let stored = pack::encode(&self.keys, kind, plain, true)?;
+        let stored = pack::encode(&self.keys, kind, plain, Some(self.config.compression))?;
         let id = storage_hash(&stored);
         self.backend
             .put(&format!("{dir}/{}", hex::encode(id)), Bytes::from(stored))

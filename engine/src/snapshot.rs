@@ -53,6 +53,7 @@ impl Summary {
             stored_bytes: self.stored_bytes,
             files: self.files,
             dirs: self.dirs,
+            result: Default::default(),
         }
     }
 }

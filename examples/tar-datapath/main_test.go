@@ -412,7 +412,7 @@ func TestBackupRestoreRoundTrip(t *testing.T) {
 	dst := t.TempDir()
 	_, rres, err := restore(t, ctx, e, &pb.RestoreRequest{
 		OperationId: "dd-1", Repository: e.repo(prefix), Volume: fsVolume(dst),
-		SnapshotId: res.SnapshotId, BackupResult: res.Result,
+		SnapshotId: res.SnapshotId,
 	})
 	if err != nil {
 		t.Fatal(err)

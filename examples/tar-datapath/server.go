@@ -207,11 +207,9 @@ func (s *Server) Restore(req *pb.RestoreRequest, stream pb.DataPath_RestoreServe
 	if err != nil {
 		return err
 	}
-	// The key the backup reported wins (the restore may target another namespace, whose prefix differs).
+	// The snapshot id names the object: it is all a restore gets from its backup (design/0004). The prefix is
+	// the backup's, even when Velero restores into another namespace (it is keyed by the source namespace).
 	key := snapshotKey(repo.GetPrefix(), id)
-	if o := req.GetBackupResult()["object"]; o == "snapshots/"+id+".tar.gz" || strings.HasSuffix(o, "/snapshots/"+id+".tar.gz") {
-		key = o
-	}
 
 	var c counters
 	if meta, err := readMeta(ctx, client, repo.GetBucket(), sidecarKey(key)); err == nil {

@@ -19,7 +19,7 @@ use ferry_proto::datapath::{
 };
 use ferry_proto::pod as contract;
 use ferry_proto::report::{REPORT_VERSION, Report, Stage};
-use ferry_proto::result::{BackupResult, RESULT_VERSION, RestoreResult};
+use ferry_proto::result::{BackupResult, RESULT_MAP_MAX, RESULT_VERSION, RestoreResult};
 use prost::Message as _;
 use tokio::sync::watch;
 use tonic::Code;
@@ -402,6 +402,13 @@ fn backup_done(r: api::BackupResult) -> Result<Outcome, CallError> {
             "the result names no snapshot_id".into(),
         ));
     }
+    let encoded = serde_json::to_string(&r.result).map_or(usize::MAX, |j| j.len());
+    if encoded > RESULT_MAP_MAX {
+        return Err(CallError::Protocol(format!(
+            "the result map is {encoded} bytes as JSON; at most {RESULT_MAP_MAX} fit in the termination \
+             message"
+        )));
+    }
     let doc = BackupResult {
         version: RESULT_VERSION,
         read_bytes: number(&r.result, "readBytes").unwrap_or(r.total_bytes),
@@ -411,6 +418,7 @@ fn backup_done(r: api::BackupResult) -> Result<Outcome, CallError> {
         total_bytes: r.total_bytes,
         incremental_bytes: r.incremental_bytes,
         files: r.files,
+        result: r.result.into_iter().collect(),
     };
     let json = serde_json::to_string(&doc)
         .map_err(|e| CallError::Protocol(format!("encoding the result: {e}")))?;

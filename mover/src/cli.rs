@@ -93,6 +93,10 @@ pub struct Global {
     /// Run without the local cache.
     #[arg(long, global = true)]
     pub no_cache: bool,
+    /// How a repository created now compresses: lz4 (fastest), zstd or zstd:LEVEL (1-19, smaller), or
+    /// auto (zstd for text-like data, lz4 for the rest); an existing repository keeps its own.
+    #[arg(long, env = "FERRY_COMPRESSION", global = true, default_value = "lz4")]
+    pub compression: ferry_engine::pack::Compression,
     /// Machine-readable output: JSON on stdout, JSON progress lines on stderr.
     #[arg(long, global = true)]
     pub json: bool,
@@ -282,6 +286,7 @@ impl Global {
             cache_dir: self.cache_dir.clone(),
             no_cache: self.no_cache,
             cache_limit: self.cache_limit_mib * 1024 * 1024,
+            compression: self.compression,
         }
     }
 }
@@ -544,6 +549,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let svc = ferry_mover::datapath::EngineDataPath {
                 cache_dir: ctx.target.cache_dir.clone(),
                 cache_limit: ctx.target.cache_limit,
+                compression: ctx.target.compression,
             };
             ferry_mover::datapath::serve(svc, &socket, async {
                 ferry_engine::cancel::terminated().await;

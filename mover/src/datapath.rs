@@ -41,6 +41,8 @@ pub struct EngineDataPath {
     pub cache_dir: Option<PathBuf>,
     /// Hard size limit of the cache, bytes.
     pub cache_limit: u64,
+    /// How repositories it creates compress (`ferry datapath --compression`, e.g. in the mover's `args`).
+    pub compression: ferry_engine::pack::Compression,
 }
 
 type EventStream<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
@@ -223,6 +225,7 @@ impl EngineDataPath {
             cache_dir: self.cache_dir.clone(),
             no_cache: self.cache_dir.is_none(),
             cache_limit: self.cache_limit,
+            compression: self.compression,
         })
     }
 }

@@ -121,6 +121,22 @@ async fn protocol_breaches_fail_the_call_by_name() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_data_paths_result_map_reaches_the_result_within_its_bound() {
+    let (code, message) = against_fake(Fake::ResultMap(20), api::VolumeMode::Filesystem).await;
+    assert_eq!(code, 0, "{message}");
+    let doc: serde_json::Value = serde_json::from_str(&message).unwrap();
+    assert_eq!(doc["result"]["object"], "o".repeat(20), "{message}");
+
+    // Too big for the termination message: refused by name rather than cut into unreadable JSON.
+    let (code, message) = against_fake(Fake::ResultMap(4000), api::VolumeMode::Filesystem).await;
+    assert_eq!(code, 1, "{message}");
+    assert!(
+        message.contains("broke the data-path protocol: the result map is 4013 bytes as JSON"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unavailable_data_path_is_retried_then_fails() {
     let started = Instant::now();
     let (code, message) = against_fake(Fake::Unavailable, api::VolumeMode::Filesystem).await;
@@ -188,6 +204,39 @@ async fn ferrys_data_path_backs_up_and_restores_through_the_agent() {
             );
         }
     }
+}
+
+/// A data path that hangs holds nothing: the controller's no-progress watchdog deletes the pod
+/// (`controller/src/survival.rs`), and the agent ends on that SIGTERM at once, whatever the data path does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_data_path_does_not_hold_the_agent_past_sigterm() {
+    let dir = tempdir();
+    let socket = dir.path().join("dp.sock");
+    support::serve_fake(Fake::Hang, &socket);
+    let job = backup_job(dir.path(), api::VolumeMode::Filesystem, repo());
+    let mut child = agent(&job, &socket, dir.path()).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent waits for the hung call"
+    );
+    let sent = Instant::now();
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let message = std::fs::read_to_string(dir.path().join("termination-log")).unwrap();
+    assert_eq!(status.code(), Some(2), "{message}");
+    assert_eq!(message, "data path canceled");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,8 @@
 //! The mover's result: one JSON document, written by the mover as the container termination message
 //! and printed by `ferry backup --json`. Field names are part of the contract.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Version of the [`MoverResult`] document.
@@ -27,7 +29,16 @@ pub struct BackupResult {
     pub files: u64,
     /// Number of directories in the snapshot.
     pub dirs: u64,
+    /// The data path's own result map (`BackupResult.result` of `ferry.datapath.v1`), shown in the
+    /// DataUpload's `status.dataMoverResult`; at most [`RESULT_MAP_MAX`] bytes as JSON. Empty when the data
+    /// path sent none, and absent from the document then.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub result: BTreeMap<String, String>,
 }
+
+/// Largest data-path result map a backup result document carries, in bytes of JSON: the whole document
+/// must fit the termination message (`crate::pod::TERMINATION_MESSAGE_MAX`) with room for the fixed fields.
+pub const RESULT_MAP_MAX: usize = 2048;
 
 /// What a finished restore reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,10 +71,22 @@ mod tests {
             stored_bytes: 3,
             files: 4,
             dirs: 5,
+            result: BTreeMap::new(),
         };
         let v = serde_json::to_value(&r).expect("serialize");
         assert_eq!(v["snapshotId"], "ab");
         assert_eq!(v["incrementalBytes"], 2);
+        assert!(v.get("result").is_none(), "an empty map is left out: {v}");
         assert_eq!(serde_json::from_value::<BackupResult>(v).expect("parse"), r);
+        let with_map = BackupResult {
+            result: BTreeMap::from([("object".into(), "k".into())]),
+            ..r
+        };
+        let v = serde_json::to_value(&with_map).expect("serialize");
+        assert_eq!(v["result"]["object"], "k");
+        assert_eq!(
+            serde_json::from_value::<BackupResult>(v).expect("parse"),
+            with_map
+        );
     }
 }

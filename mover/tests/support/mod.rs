@@ -2,6 +2,7 @@
 //! the API in one way each, and an S3 repository on the test server with its credentials and password files.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -97,6 +98,10 @@ pub enum Fake {
     Unavailable,
     /// Advertises filesystem volumes only.
     NoBlock,
+    /// One result whose map holds `{"object": <n × 'o'>}`.
+    ResultMap(usize),
+    /// One progress message, then nothing, ever (cancellation ignored).
+    Hang,
 }
 
 pub type Events<E> = Pin<Box<dyn Stream<Item = Result<E, Status>> + Send>>;
@@ -127,14 +132,16 @@ impl DataPath for Fake {
         &self,
         _: Request<api::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let result = |id: &str| {
+        let result_with = |id: &str, result: HashMap<String, String>| {
             Ok(api::BackupEvent {
                 event: Some(api::backup_event::Event::Result(api::BackupResult {
                     snapshot_id: id.into(),
+                    result,
                     ..Default::default()
                 })),
             })
         };
+        let result = |id: &str| result_with(id, HashMap::new());
         let progress = Ok(api::BackupEvent {
             event: Some(api::backup_event::Event::Progress(api::Progress::default())),
         });
@@ -144,6 +151,15 @@ impl DataPath for Fake {
             Fake::NoSnapshotId => vec![result("")],
             Fake::Unavailable => return Err(Status::unavailable("fake: restarting")),
             Fake::NoBlock => vec![result("a")],
+            Fake::ResultMap(n) => vec![result_with(
+                "a",
+                HashMap::from([("object".to_string(), "o".repeat(*n))]),
+            )],
+            Fake::Hang => {
+                use tokio_stream::StreamExt as _;
+                let hung = tokio_stream::iter([progress]).chain(tokio_stream::pending());
+                return Ok(Response::new(Box::pin(hung)));
+            }
         };
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
