@@ -221,17 +221,7 @@ async fn a_hung_data_path_does_not_hold_the_agent_past_sigterm() {
         "the agent waits for the hung call"
     );
     let sent = Instant::now();
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    let message = std::fs::read_to_string(dir.path().join("termination-log")).unwrap();
-    assert_eq!(status.code(), Some(2), "{message}");
-    assert_eq!(message, "data path canceled");
+    sigterm_ends_canceled(child, dir.path()).await;
     assert!(
         sent.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -252,8 +242,13 @@ async fn sigterm_cancels_the_call_and_exits_canceled() {
         std::fs::write(src.join(format!("f{i}")), pseudo_random(24 << 20, i + 1)).unwrap();
     }
     let job = backup_job(&src, api::VolumeMode::Filesystem, repo);
-    let mut child = agent(&job, &socket, dir.path()).spawn().unwrap();
+    let child = agent(&job, &socket, dir.path()).spawn().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    sigterm_ends_canceled(child, dir.path()).await;
+}
+
+/// Sends the agent SIGTERM and checks it ends canceled (exit 2, "data path canceled").
+async fn sigterm_ends_canceled(mut child: std::process::Child, dir: &Path) {
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -262,7 +257,7 @@ async fn sigterm_cancels_the_call_and_exits_canceled() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
-    let message = std::fs::read_to_string(dir.path().join("termination-log")).unwrap();
+    let message = std::fs::read_to_string(dir.join("termination-log")).unwrap();
     assert_eq!(status.code(), Some(2), "{message}");
     assert_eq!(message, "data path canceled");
 }
