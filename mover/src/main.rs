@@ -6,7 +6,7 @@ mod cli;
 fn main() -> std::process::ExitCode {
     tune_malloc();
     // The S3 client and the Kubernetes client share rustls; pin one crypto provider for the process.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     cli::main()
 }
 

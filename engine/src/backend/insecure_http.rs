@@ -99,14 +99,14 @@ impl HttpClient for InsecureClient {
     }
 }
 
-/// An SDK HTTP client that skips certificate verification (HTTP/1.1, TLS 1.2 and 1.3, aws-lc-rs). The
+/// An SDK HTTP client that skips certificate verification (HTTP/1.1, TLS 1.2 and 1.3, ring). The
 /// SDK bounds each attempt and operation itself; connecting is bounded by `connect_timeout`.
 pub fn client(connect_timeout: std::time::Duration) -> SharedHttpClient {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let algorithms = provider.signature_verification_algorithms;
     let tls = rustls::ClientConfig::builder_with_provider(provider as Arc<CryptoProvider>)
         .with_safe_default_protocol_versions()
-        .expect("the aws-lc-rs provider supports the default TLS versions")
+        .expect("the ring provider supports the default TLS versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(algorithms)))
         .with_no_client_auth();

@@ -265,11 +265,18 @@ fn sdk_err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     Error::backend(op, key, detail)
 }
 
-/// The SDK's HTTPS client with `pem`'s certificates trusted in addition to the system roots.
-fn https_client_trusting(
-    pem: &[u8],
+/// The SDK's HTTPS client (rustls with ring, the one crypto provider of the workspace), trusting `pem`'s
+/// certificates in addition to the system roots when given.
+pub fn https_client(
+    pem: Option<&[u8]>,
 ) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
     use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+    let builder = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(
+        tls::rustls_provider::CryptoMode::Ring,
+    ));
+    let Some(pem) = pem else {
+        return Ok(builder.build_https());
+    };
     if !ferry_proto::pod::holds_pem_certificate(pem) {
         return Err(Error::Invalid(
             "the S3 CA bundle (caCert) holds no PEM certificate".into(),
@@ -283,19 +290,21 @@ fn https_client_trusting(
         )
         .build()
         .map_err(|e| Error::Invalid(format!("the S3 CA bundle (caCert): {e}")))?;
-    Ok(aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::AwsLc,
-        ))
-        .tls_context(ctx)
-        .build_https())
+    Ok(builder.tls_context(ctx).build_https())
 }
 
 impl S3Backend {
     /// Connects (lazily) to the bucket described by `o`.
     pub async fn new(o: S3Options) -> Result<Self> {
         o.validate_limits()?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        // The credential chain (STS, IMDS) and S3 share one client; which one depends on the options.
+        let http = if o.insecure_skip_tls_verify {
+            tracing::warn!("S3 server certificates are not verified (insecureSkipTLSVerify)");
+            super::insecure_http::client(o.connect_timeout)
+        } else {
+            https_client(o.ca_pem.as_deref())?
+        };
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
         if let Some(p) = &o.profile {
             loader = loader.profile_name(p);
         }
@@ -358,12 +367,6 @@ impl S3Backend {
             .retry_classifier(CorruptedUploadIsTransient);
         if let Some(ep) = &o.endpoint {
             cfg = cfg.endpoint_url(ep);
-        }
-        if o.insecure_skip_tls_verify {
-            tracing::warn!("S3 server certificates are not verified (insecureSkipTLSVerify)");
-            cfg = cfg.http_client(super::insecure_http::client(o.connect_timeout));
-        } else if let Some(pem) = &o.ca_pem {
-            cfg = cfg.http_client(https_client_trusting(pem)?);
         }
         Ok(S3Backend {
             client: Client::from_conf(cfg.build()),

@@ -292,22 +292,10 @@ impl S3Server {
     pub async fn create_bucket(&self, name: &str) {
         let creds =
             aws_sdk_s3::config::Credentials::new(&self.access, &self.secret, None, None, "test");
-        let mut conf = aws_sdk_s3::Config::builder();
-        if let Some(ca) = &self.ca_pem {
-            use aws_smithy_http_client::tls;
-            let ctx = tls::TlsContext::builder()
-                .with_trust_store(tls::TrustStore::empty().with_pem_certificate(ca.as_bytes()))
-                .build()
+        let http =
+            ferry_engine::backend::s3::https_client(self.ca_pem.as_deref().map(str::as_bytes))
                 .unwrap();
-            conf = conf.http_client(
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(tls::Provider::Rustls(
-                        tls::rustls_provider::CryptoMode::AwsLc,
-                    ))
-                    .tls_context(ctx)
-                    .build_https(),
-            );
-        }
+        let conf = aws_sdk_s3::Config::builder().http_client(http);
         let conf = conf
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
