@@ -1,12 +1,15 @@
 //! Shared state of the reconcilers: client, configuration, identity, metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kube::{Api, Client};
 
+use crate::admission::Admission;
 use crate::backoff::Backoff;
+use crate::caches::Caches;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::wake::Wake;
 
 /// The one field manager of everything this controller writes.
 pub const FIELD_MANAGER: &str = "ferry-controller";
@@ -34,6 +37,11 @@ pub struct Context {
     pub placement: tokio::sync::Mutex<()>,
     /// Requeue delays after failed reconciles.
     pub backoff: Backoff,
+    /// The prepare queue.
+    pub admission: Admission,
+    /// The CRs waiting for a place or a mover slot, woken when one frees.
+    pub wake: Wake,
+    caches: OnceLock<Caches>,
 }
 
 impl Context {
@@ -46,7 +54,21 @@ impl Context {
             identity,
             placement: Default::default(),
             backoff: Backoff::default(),
+            admission: Admission::default(),
+            wake: Wake::default(),
+            caches: OnceLock::new(),
         }
+    }
+
+    /// This replica leads: its controllers run and keep `caches`.
+    pub fn lead(&self, caches: Caches) {
+        self.metrics.leading(caches.clone());
+        let _ = self.caches.set(caches);
+    }
+
+    /// The running controllers' watch caches (none before this replica leads).
+    pub fn caches(&self) -> Option<&Caches> {
+        self.caches.get()
     }
 
     /// `K` in the watched (Velero's) namespace: the only namespace whose DU/DD, Backups, mover pods and

@@ -13,6 +13,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use serde::de::DeserializeOwned;
 
+use crate::admission::holds_place;
 use crate::clock;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::cr::MoverCr;
@@ -21,6 +22,7 @@ use crate::expose::Exposure;
 use crate::objects;
 use crate::step::Step;
 use crate::validate::Spec;
+use crate::wake::Slot;
 
 /// Annotation on a CR: when the controller last saw its progress move (RFC 3339).
 pub const PROGRESS_AT_ANNOTATION: &str = "ferry.dev/progress-at";
@@ -67,6 +69,11 @@ pub async fn update<K: MoverCr>(ctx: &Context, cr: &K, f: impl FnOnce(&mut K)) -
     };
     let out = api.replace(&cr.name_any(), &pp, &next).await?;
     if next.phase() != cr.phase() {
+        ctx.admission
+            .wrote(&out.uid().unwrap_or_default(), next.phase());
+        if holds_place(cr.phase()) && !holds_place(next.phase()) {
+            ctx.wake.freed(Slot::Prepare);
+        }
         ctx.metrics.transition(&K::kind(&()), next.phase());
         tracing::info!(kind = %K::kind(&()), name = %cr.name_any(), from = ?cr.phase(), to = ?next.phase(),
             message = next.message().unwrap_or(""), "phase");
@@ -99,6 +106,8 @@ pub async fn terminal<K: MoverCr>(
         *s.completion_timestamp = Some(now);
     })
     .await?;
+    // Its mover pod, if it had one, has ended (or is being stopped and counts no more once it has).
+    ctx.wake.freed(Slot::Mover);
     if let Some(d) = clock::since_text(started.as_deref()) {
         ctx.metrics.duration(&K::kind(&()), phase, d.as_secs_f64());
     }

@@ -6,8 +6,9 @@
 //!
 //! 1. configuration and CR access: [`config`], [`error`], [`validate`] (user-written fields),
 //!    [`clock`] (every age), [`step`] (the typed outcome of a step), [`backoff`], [`cr`] (DataUpload and
-//!    DataDownload behind one trait), [`metrics`] (Prometheus), [`context`], [`objects`] (names, owner
-//!    labels, idempotent writes);
+//!    DataDownload behind one trait), [`caches`] (the controllers' watch caches), [`admission`] (the
+//!    prepare queue, counted in them), [`wake`] (waiting CRs woken when a slot frees), [`metrics`]
+//!    (Prometheus), [`context`], [`objects`] (names, owner labels, idempotent writes);
 //! 2. the exposers, [`expose`]: [`expose::snapshot`] (CSI snapshot clone, backup) and [`expose::rebind`]
 //!    (PV rebinding, restore);
 //! 3. the mover pod: [`repo`] (the repository a BSL points to), [`pod`] (build and read), [`placement`]
@@ -17,7 +18,9 @@
 //! 5. the top: [`reconcile`] (dispatch), [`deletion`] (a deleted Backup → forget and prune),
 //!    [`leader`] (Lease election), and [`run`] here.
 
+pub mod admission;
 pub mod backoff;
+pub mod caches;
 pub mod clock;
 pub mod config;
 pub mod context;
@@ -38,6 +41,7 @@ pub mod repo;
 pub mod step;
 pub mod upload;
 pub mod validate;
+pub mod wake;
 
 #[cfg(test)]
 mod layers;
@@ -108,7 +112,13 @@ pub async fn run(ctx: Arc<Context>) {
         ferry_proto::labels::MANAGED_BY_VALUE
     ));
     let events_cfg = watcher::Config::default().labels(ferry_proto::labels::OWNER_UID);
+    let Some(triggers) = ctx.wake.triggers() else {
+        tracing::error!("the controllers already ran in this process");
+        return;
+    };
+    let (wake_uploads, wake_downloads) = triggers.into_streams();
     let uploads = Controller::new(ctx.watched::<DataUpload>(), watcher::Config::default())
+        .reconcile_on(wake_uploads)
         .owns(ctx.watched::<Pod>(), pods_cfg.clone())
         .watches(
             ctx.watched::<Event>(),
@@ -117,6 +127,7 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .shutdown_on_signal();
     let downloads = Controller::new(ctx.watched::<DataDownload>(), watcher::Config::default())
+        .reconcile_on(wake_downloads)
         .owns(ctx.watched::<Pod>(), pods_cfg)
         .watches(
             ctx.watched::<Event>(),
@@ -135,7 +146,7 @@ pub async fn run(ctx: Arc<Context>) {
         .default_backoff(),
     )
     .for_each(|_| futures::future::ready(()));
-    ctx.metrics.leading(metrics::Caches {
+    ctx.lead(caches::Caches {
         uploads: uploads.store(),
         downloads: downloads.store(),
         pods,

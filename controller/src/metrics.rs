@@ -8,8 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
-use ferry_proto::velero::{DataDownload, DataUpload, Phase};
-use k8s_openapi::api::core::v1::Pod;
+use ferry_proto::velero::Phase;
 use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -19,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::caches::Caches;
 use crate::config::Config;
 use crate::cr::MoverCr;
 
@@ -37,18 +37,6 @@ struct KindLabel {
 struct KindOutcome {
     kind: String,
     outcome: String,
-}
-
-/// The watch caches the gauges are read from; set once the controllers run (a replica that does not
-/// lead has none, and reports no gauges but `ferry_leader 0`).
-#[derive(Clone)]
-pub struct Caches {
-    /// The DataUpload controller's cache.
-    pub uploads: Store<DataUpload>,
-    /// The DataDownload controller's cache.
-    pub downloads: Store<DataDownload>,
-    /// Mover pods in the watched namespace.
-    pub pods: Store<Pod>,
 }
 
 /// Every metric of the controller, in one registry.
@@ -253,6 +241,8 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io
 mod tests {
     use super::*;
     use crate::testing::du;
+    use ferry_proto::velero::{DataDownload, DataUpload};
+    use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::{reflector, watcher};
     use serde_json::json;
     use tower::ServiceExt;

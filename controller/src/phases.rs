@@ -26,12 +26,14 @@ use crate::pod::{self, PodPlan, PodState};
 use crate::proceed;
 use crate::repo::RepoTarget;
 use crate::step::Step;
+use crate::wake::Slot;
 use crate::{placement, repo};
 
 /// How soon the next step runs after a transition.
 const NEXT: Duration = Duration::from_millis(50);
-/// How soon to look again at a CR waiting for a prepare slot, a mover slot or its pod to start.
-const SLOT_REQUEUE: Duration = Duration::from_secs(2);
+/// How soon to look again at a CR waiting for a mover slot (if no slot frees before: [`crate::wake`]) or for
+/// its pod to start (its pod's changes wake it before).
+const SLOT_REQUEUE: Duration = Duration::from_secs(5);
 /// How often an InProgress CR is looked at without news.
 const WATCH_REQUEUE: Duration = Duration::from_secs(10);
 
@@ -48,15 +50,18 @@ pub async fn finish<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// New → Accepted (claim), within the prepare queue.
+/// New → Accepted (claim), within the prepare queue ([`crate::admission`]).
 pub async fn accept<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
-    let admitted = match cr.admissible(ctx).await? {
-        Step::Done(()) => prepare_slot(ctx).await?,
-        other => other,
-    };
-    if let Err(other) = admitted.done::<()>() {
+    if let Err(other) = cr.admissible(ctx).await?.done::<()>() {
         return settle(ctx, cr, other, Action::await_change()).await;
     }
+    let place = match ctx.admission.place(ctx.caches(), &ctx.config).await.done() {
+        Ok(place) => place,
+        Err(waiting) => {
+            ctx.wake.wait(Slot::Prepare, cr);
+            return settle(ctx, cr, waiting, Action::await_change()).await;
+        }
+    };
     let node = ctx.identity.node.clone();
     update(ctx, cr, |c| {
         if !c.finalizers().iter().any(|f| f == FINALIZER) {
@@ -69,33 +74,8 @@ pub async fn accept<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
         *s.message = None;
     })
     .await?;
+    drop(place);
     Ok(Action::requeue(NEXT))
-}
-
-/// A place in the prepare queue: fewer CRs of ours in Accepted or Prepared, cluster-wide, than
-/// `prepareQueueLength`.
-async fn prepare_slot(ctx: &Context) -> Result<Step> {
-    use ferry_proto::velero::{DataDownload, DataUpload};
-    let lp = ListParams::default();
-    let (du, dd): (Api<DataUpload>, Api<DataDownload>) = (ctx.watched(), ctx.watched());
-    let busy = |p: Phase| matches!(p, Phase::Accepted | Phase::Prepared);
-    let mut n = 0;
-    for d in du.list(&lp).await?.items {
-        n += usize::from(ctx.config.mover(d.datamover()).is_some() && busy(d.phase()));
-    }
-    for d in dd.list(&lp).await?.items {
-        n += usize::from(ctx.config.mover(d.datamover()).is_some() && busy(d.phase()));
-    }
-    if n >= ctx.config.prepare_queue_length {
-        return Ok(Step::wait(
-            format!(
-                "waiting for a prepare slot (prepareQueueLength {})",
-                ctx.config.prepare_queue_length
-            ),
-            SLOT_REQUEUE,
-        ));
-    }
-    Ok(Step::Done(()))
 }
 
 async fn get_pod<K: MoverCr>(ctx: &Context, cr: &K) -> Result<Option<Pod>> {
@@ -169,6 +149,7 @@ async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
     let allowed = (!exposure.nodes.is_empty()).then_some(exposure.nodes.as_slice());
     let free = placement::free_nodes(ctx, allowed).await?;
     if free.is_empty() {
+        ctx.wake.wait(Slot::Mover, cr);
         return Ok(Step::wait(
             format!(
                 "waiting for a free mover slot (perNodeLimit {})",

@@ -93,7 +93,7 @@ mod tests {
     //! The phase machine against kube's mock service: every request the controller makes is checked.
     use super::*;
     use crate::clock::now;
-    use crate::testing::{ctx, empty_list, failure, ok};
+    use crate::testing::{ctx, failure, ok};
     use ferry_proto::velero::DataUpload;
     use serde_json::json;
     use std::time::Duration;
@@ -127,12 +127,8 @@ mod tests {
     #[tokio::test]
     async fn new_is_claimed_with_a_conflict_checked_replace() {
         let (ctx, mut handle) = ctx();
+        // The prepare queue is counted in the watch caches: the claim is the only request.
         let server = tokio::spawn(async move {
-            for kind in ["DataUploadList", "DataDownloadList"] {
-                let (req, send) = handle.next_request().await.expect("list request");
-                assert_eq!(req.method(), http::Method::GET);
-                send.send_response(ok(empty_list(kind)));
-            }
             let (req, send) = handle.next_request().await.expect("replace request");
             assert_eq!(req.method(), http::Method::PUT);
             assert!(
@@ -233,5 +229,64 @@ mod tests {
         let action = reconcile(Arc::new(cr), ctx).await.expect("reconcile");
         assert_eq!(action, Action::requeue(Duration::from_millis(200)));
         server.await.expect("server");
+    }
+
+    /// Behind a full queue a CR waits in line at no API cost but its waiting note (the queue is counted in
+    /// the watch caches); when the CR holding the place moves on, the waiting one is woken at once and
+    /// accepted, although the caches still show the other CR Prepared.
+    #[tokio::test]
+    async fn a_cr_behind_a_full_queue_is_woken_and_accepted_when_a_place_frees() {
+        use crate::testing::{caches, ctx_leading, du as du_of, echo_or, serve};
+        use futures::StreamExt;
+        use kube::runtime::reflector::ObjectRef;
+        let config = crate::config::Config {
+            prepare_queue_length: 1,
+            ..Default::default()
+        };
+        let holder = du_of(
+            json!({"phase": "Prepared", "acceptedTimestamp": now()}),
+            |v| {
+                v["metadata"]["name"] = json!("holder");
+                v["metadata"]["uid"] = json!("holder");
+            },
+        );
+        let (ctx, handle) = ctx_leading(config, caches(vec![holder.clone()]));
+        let (mut woken, _) = ctx.wake.triggers().expect("triggers").into_streams();
+        let server = serve(handle, echo_or(|_| None));
+        let waiting = Arc::new(du("ferry", json!(null)));
+
+        let action = reconcile(waiting.clone(), ctx.clone()).await.expect("wait");
+        assert_eq!(action, Action::requeue(crate::admission::REQUEUE));
+        // Prepared → InProgress frees the place; the cache still shows the holder Prepared.
+        start(&holder, &ctx).await.expect("start");
+        assert_eq!(
+            woken.next().await,
+            Some(ObjectRef::new("b1-x").within("velero"))
+        );
+        let action = reconcile(waiting, ctx.clone()).await.expect("accept");
+        assert_eq!(action, Action::requeue(Duration::from_millis(50)));
+        drop(ctx);
+
+        let seen = server.await.expect("server");
+        let writes: Vec<_> = seen
+            .iter()
+            .map(|s| {
+                let phase = s.body["status"]["phase"].as_str().unwrap_or("New");
+                (
+                    s.method.as_str(),
+                    if phase.is_empty() { "New" } else { phase },
+                )
+            })
+            .collect();
+        // the waiting note, the holder's start, the acceptance: no list, no other request
+        assert_eq!(
+            writes,
+            [("PUT", "New"), ("PUT", "InProgress"), ("PUT", "Accepted")]
+        );
+        assert!(
+            seen[0].body["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("prepareQueueLength 1"))
+        );
     }
 }

@@ -10,21 +10,29 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::client::Body;
 use serde_json::{Value, json};
 
+use crate::caches::Caches;
 use crate::config::Config;
 use crate::context::{Context, Identity};
 
 /// The test end of the mock service.
 pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
-/// A context on the mock service with `config`.
+/// A context on the mock service with `config`, leading with empty watch caches.
 pub fn ctx_with(config: Config) -> (Arc<Context>, Handle) {
+    ctx_leading(config, caches(Vec::new()))
+}
+
+/// A context on the mock service with `config`, leading with `caches`.
+pub fn ctx_leading(config: Config, caches: Caches) -> (Arc<Context>, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "velero");
     let identity = Identity {
         node: "node-a".into(),
         pod: "ctrl-0".into(),
     };
-    (Arc::new(Context::new(client, config, identity)), handle)
+    let ctx = Context::new(client, config, identity);
+    ctx.lead(caches);
+    (Arc::new(ctx), handle)
 }
 
 /// A context on the mock service with the default configuration.
@@ -161,5 +169,29 @@ pub fn echo_or(
             Method::PUT | Method::PATCH => ok(s.body.clone()),
             _ => failure(404, "NotFound"),
         }
+    }
+}
+
+/// A watch cache that has listed `items` (ready, as after the first listing).
+pub fn filled<K>(items: Vec<K>) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    use kube::runtime::watcher::Event;
+    let (store, mut writer) = kube::runtime::reflector::store();
+    writer.apply_watcher_event(&Event::Init);
+    for i in items {
+        writer.apply_watcher_event(&Event::InitApply(i));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    store
+}
+
+/// Filled watch caches holding `uploads`, no DataDownloads and no mover pods.
+pub fn caches(uploads: Vec<DataUpload>) -> Caches {
+    Caches {
+        uploads: filled(uploads),
+        downloads: filled(Vec::<DataDownload>::new()),
+        pods: filled(Vec::new()),
     }
 }
