@@ -138,6 +138,11 @@ async fn pod_started<K: Flow>(cr: &K, ctx: &Context, p: &Pod) -> Result<Action> 
 
 /// Exposes the volume, checks the repository and creates the mover pod on a node with a free slot.
 async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
+    // With every node's slots taken there is nothing to expose for yet: exposing and reading the repository
+    // are several requests, which every CR waiting for a slot repeated at each look (bench/CLUSTER.md).
+    if placement::free_nodes(ctx, None).await?.is_empty() {
+        return Ok(wait_for_mover_slot(cr, ctx));
+    }
     let exposure = proceed!(cr.expose(ctx).await?);
     let repo = proceed!(repo::repo_target(ctx, cr).await?);
     let mover = ctx
@@ -149,19 +154,24 @@ async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
     let allowed = (!exposure.nodes.is_empty()).then_some(exposure.nodes.as_slice());
     let free = placement::free_nodes(ctx, allowed).await?;
     if free.is_empty() {
-        ctx.wake.wait(Slot::Mover, cr);
-        return Ok(Step::wait(
-            format!(
-                "waiting for a free mover slot (perNodeLimit {})",
-                ctx.config.per_node_limit
-            ),
-            SLOT_REQUEUE,
-        ));
+        return Ok(wait_for_mover_slot(cr, ctx));
     }
     let plan = mover_plan(cr, ctx, exposure, repo, mover, free);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
     objects::create_idempotent(&pods, &pod::build(&plan, &ctx.config)).await?;
     Ok(Step::Done(()))
+}
+
+/// `cr` waits in line for a node below `perNodeLimit`.
+fn wait_for_mover_slot<K: Flow>(cr: &K, ctx: &Context) -> Step {
+    ctx.wake.wait(Slot::Mover, cr);
+    Step::wait(
+        format!(
+            "waiting for a free mover slot (perNodeLimit {})",
+            ctx.config.per_node_limit
+        ),
+        SLOT_REQUEUE,
+    )
 }
 
 /// The mover pod of `cr`: its exposed volume, its repository, its data-path call, on one of `nodes`.

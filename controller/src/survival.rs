@@ -127,7 +127,7 @@ async fn a_forbidden_answer_in_accepted_fails_the_cr_with_the_api_message() {
         |s| s.path.contains("/namespaces/app/"),
         403,
         "volumesnapshots is forbidden in app",
-        |_| None,
+        free_node,
     )
     .await;
     failed_with(&seen, &["forbidden in app"]);
@@ -145,7 +145,7 @@ fn ready_source_snapshot(s: &Seen) -> Option<http::Response<kube::client::Body>>
             "spec": {"driver": "hostpath.csi.k8s.io"},
             "status": {"snapshotHandle": "h1"}})));
     }
-    None
+    free_node(s)
 }
 
 #[tokio::test]
@@ -199,17 +199,76 @@ fn exposed(s: &Seen) -> Option<http::Response<kube::client::Body>> {
     if get("/secrets/ferry-repository") {
         return Some(ok(secret("ferry-repository", "password")));
     }
-    if get("/api/v1/nodes") {
-        return Some(ok(
-            json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
-            {"metadata": {"name": "node-a"},
-             "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]}),
-        ));
+    free_node(s)
+}
+
+/// One Ready node and no mover pod: a free mover slot.
+fn free_node(s: &Seen) -> Option<http::Response<kube::client::Body>> {
+    if s.is(&Method::GET, "/api/v1/nodes") {
+        return Some(ok(one_ready_node()));
     }
-    if get("/api/v1/namespaces/velero/pods") {
+    if s.is(&Method::GET, "/api/v1/namespaces/velero/pods") {
         return Some(ok(empty_list("PodList")));
     }
     None
+}
+
+fn one_ready_node() -> Value {
+    json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
+        {"metadata": {"name": "node-a"},
+         "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]})
+}
+
+/// With every mover slot taken, an Accepted CR waits in line without exposing its volume or reading its
+/// repository: those are several requests, which every CR waiting for a slot repeated at each look (with
+/// 500 DataUploads queued, most of the controller's API traffic; bench/CLUSTER.md).
+#[tokio::test]
+async fn with_every_mover_slot_taken_nothing_is_exposed_or_read() {
+    let seen = accepted_du_where(
+        |_| false,
+        500,
+        "",
+        |s| {
+            if s.is(&Method::GET, "/api/v1/nodes") {
+                return Some(ok(one_ready_node()));
+            }
+            if s.is(&Method::GET, "/api/v1/namespaces/velero/pods") {
+                return Some(ok(
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                    "items": [{"metadata": {"name": "ferry-other", "namespace": "velero"},
+                        "spec": {"nodeName": "node-a", "containers": []},
+                        "status": {"phase": "Running"}}]}),
+                ));
+            }
+            None
+        },
+    )
+    .await;
+    let status = last_status(&seen).expect("a waiting note");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("waiting for a free mover slot")),
+        "{status}"
+    );
+    let touched: Vec<_> = seen
+        .iter()
+        .filter(|s| {
+            [
+                "volumesnapshot",
+                "persistentvolume",
+                "secrets",
+                "backupstoragelocations",
+            ]
+            .iter()
+            .any(|r| s.path.contains(r))
+        })
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    assert!(
+        touched.is_empty(),
+        "exposed or read while no slot was free: {touched:?}"
+    );
 }
 
 #[tokio::test]
