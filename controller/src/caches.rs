@@ -1,10 +1,11 @@
-//! The controllers' watch caches (reflector stores) of what the steps count: DataUploads, DataDownloads and
-//! mover pods. Read by the prepare queue (`admission.rs`) and the metrics gauges, so neither costs an
-//! API request however many CRs there are. Set once this replica leads and its controllers run.
+//! The controllers' watch caches (reflector stores) of what the steps count: DataUploads, DataDownloads,
+//! mover pods and nodes. Read by the prepare queue (`admission.rs`), the look of a CR waiting for a mover
+//! slot (`placement.rs`) and the metrics gauges, so none costs an API request however many CRs there are.
+//! Set once this replica leads and its controllers run.
 
 use ferry_proto::velero::{DataDownload, DataUpload};
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector::Store;
 
 /// The watch caches of the running controllers.
@@ -16,6 +17,8 @@ pub struct Caches {
     pub downloads: Store<DataDownload>,
     /// Mover pods in the watched namespace.
     pub pods: Store<Pod>,
+    /// Nodes, stripped to what placement reads (name, labels, cordon, the Ready condition).
+    pub nodes: Store<Node>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -24,6 +27,7 @@ impl std::fmt::Debug for Caches {
             .field("uploads", &self.uploads.len())
             .field("downloads", &self.downloads.len())
             .field("pods", &self.pods.len())
+            .field("nodes", &self.nodes.len())
             .finish()
     }
 }
@@ -31,8 +35,18 @@ impl std::fmt::Debug for Caches {
 impl Caches {
     /// Whether both CR caches hold a complete first listing (before that, a count would be short).
     pub fn crs_filled(&self) -> bool {
-        let filled = |ready: Option<Result<(), _>>| matches!(ready, Some(Ok(())));
-        filled(self.uploads.wait_until_ready().now_or_never())
-            && filled(self.downloads.wait_until_ready().now_or_never())
+        filled(&self.uploads) && filled(&self.downloads)
     }
+
+    /// Whether the mover-pod and node caches hold a complete first listing.
+    pub fn placement_filled(&self) -> bool {
+        filled(&self.pods) && filled(&self.nodes)
+    }
+}
+
+fn filled<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
 }

@@ -106,8 +106,8 @@ pub async fn terminal<K: MoverCr>(
         *s.completion_timestamp = Some(now);
     })
     .await?;
-    // Its mover pod, if it had one, has ended (or is being stopped and counts no more once it has).
-    ctx.wake.freed(Slot::Mover);
+    // Its mover pod's slot, if it had one, frees when the pod has ended: the mover-pod watch wakes the next
+    // CR then (`placement::SlotWatch`).
     if let Some(d) = clock::since_text(started.as_deref()) {
         ctx.metrics.duration(&K::kind(&()), phase, d.as_secs_f64());
     }

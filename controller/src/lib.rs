@@ -55,7 +55,8 @@ use std::time::Duration;
 
 use ferry_proto::velero::{Backup, DataDownload, DataUpload};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -135,7 +136,7 @@ pub async fn run(ctx: Arc<Context>) {
             event_target::<DataDownload>,
         )
         .shutdown_on_signal();
-    // The mover pods, cached for the metrics gauge.
+    // The mover pods, cached for the metrics gauge and placement; a pod that ends frees a slot.
     let (pods, writer) = reflector::store::<Pod>();
     let mover_pods = reflector::reflector(
         writer,
@@ -145,11 +146,35 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .default_backoff(),
     )
+    .for_each({
+        let ctx = ctx.clone();
+        let mut slots = placement::SlotWatch::default();
+        move |event| {
+            if let Ok(e) = event {
+                for _ in 0..slots.frees(&e) {
+                    ctx.wake.freed(wake::Slot::Mover);
+                }
+            }
+            futures::future::ready(())
+        }
+    });
+    // The nodes, cached for placement, stripped to what it reads.
+    let (nodes, writer) = reflector::store::<Node>();
+    let node_cache = reflector::reflector(
+        writer,
+        watcher(
+            Api::<Node>::all(ctx.client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(placement::keep_placement_fields)
+        .default_backoff(),
+    )
     .for_each(|_| futures::future::ready(()));
     ctx.lead(caches::Caches {
         uploads: uploads.store(),
         downloads: downloads.store(),
         pods,
+        nodes,
     });
     let uploads = uploads
         .run(
@@ -176,5 +201,6 @@ pub async fn run(ctx: Arc<Context>) {
     tokio::select! {
         _ = futures::future::join3(uploads, downloads, deletions) => {}
         _ = mover_pods => {}
+        _ = node_cache => {}
     }
 }

@@ -295,6 +295,7 @@ mod tests {
             uploads,
             downloads: reflector::store::<DataDownload>().0,
             pods,
+            nodes: reflector::store().0,
         });
         metrics.transition("DataUpload", Phase::Completed);
         metrics.moved("DataUpload", 4096);

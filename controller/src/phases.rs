@@ -90,6 +90,18 @@ pub async fn prepare<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
     if let Some(p) = get_pod(ctx, cr).await? {
         return pod_started(cr, ctx, &p).await;
     }
+    // With every node's slots taken there is nothing to expose for yet. The CRs waiting for a slot look
+    // in the watch caches, at no request; exposing and reading the repository cost several, which each
+    // of them repeated at every look (bench/CLUSTER.md).
+    if !placement::any_free_cached(ctx).await? {
+        return settle(
+            ctx,
+            cr,
+            wait_for_mover_slot(cr, ctx),
+            Action::await_change(),
+        )
+        .await;
+    }
     // Expose and the pod create objects: act only on the CR as the API server has it now, never on a
     // cache entry that may trail a completion and cleanup that already happened.
     if !is_current(ctx, cr).await? {
@@ -138,11 +150,6 @@ async fn pod_started<K: Flow>(cr: &K, ctx: &Context, p: &Pod) -> Result<Action> 
 
 /// Exposes the volume, checks the repository and creates the mover pod on a node with a free slot.
 async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
-    // With every node's slots taken there is nothing to expose for yet: exposing and reading the repository
-    // are several requests, which every CR waiting for a slot repeated at each look (bench/CLUSTER.md).
-    if placement::free_nodes(ctx, None).await?.is_empty() {
-        return Ok(wait_for_mover_slot(cr, ctx));
-    }
     let exposure = proceed!(cr.expose(ctx).await?);
     let repo = proceed!(repo::repo_target(ctx, cr).await?);
     let mover = ctx
@@ -159,6 +166,7 @@ async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
     let plan = mover_plan(cr, ctx, exposure, repo, mover, free);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
     objects::create_idempotent(&pods, &pod::build(&plan, &ctx.config)).await?;
+    tracing::info!(kind = %K::kind(&()), name = %cr.name_any(), nodes = ?plan.nodes, "mover pod created");
     Ok(Step::Done(()))
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ferry_proto::velero::{DataDownload, DataUpload};
 use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -187,11 +188,19 @@ where
     store
 }
 
-/// Filled watch caches holding `uploads`, no DataDownloads and no mover pods.
+/// Filled watch caches holding `uploads`, no DataDownloads, no mover pods and one Ready node, `node-a`.
 pub fn caches(uploads: Vec<DataUpload>) -> Caches {
     Caches {
         uploads: filled(uploads),
         downloads: filled(Vec::<DataDownload>::new()),
         pods: filled(Vec::new()),
+        nodes: filled(vec![ready_node("node-a")]),
     }
+}
+
+/// A Ready, schedulable node.
+pub fn ready_node(name: &str) -> Node {
+    serde_json::from_value(json!({"metadata": {"name": name},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
+    .expect("node")
 }
