@@ -50,3 +50,9 @@ where
 {
     matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
 }
+
+/// Whether a mover pod holds a slot on its node (and counts as active): until it has ended.
+pub fn holds_slot(p: &Pod) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed"))
+}

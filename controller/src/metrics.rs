@@ -193,12 +193,7 @@ impl Collector for CacheGauges {
             .pods
             .state()
             .iter()
-            .filter(|p| {
-                !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
-            })
+            .filter(|p| crate::caches::holds_slot(p))
             .count();
         let pods = Gauge::<i64>::default();
         pods.set(i64::try_from(active).unwrap_or(i64::MAX));

@@ -13,6 +13,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
 
+use crate::caches::holds_slot;
 use crate::context::Context;
 use crate::error::Result;
 use crate::objects;
@@ -137,12 +138,6 @@ impl SlotWatch {
             }
         }
     }
-}
-
-/// Whether a mover pod holds a slot on its node: until it has ended.
-fn holds_slot(p: &Pod) -> bool {
-    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-    !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
 /// Ready and not cordoned.
