@@ -40,7 +40,7 @@ pub async fn any_free_cached(ctx: &Context) -> Result<bool> {
     let Some(caches) = ctx.caches().filter(|c| c.placement_filled()) else {
         return Ok(!free_nodes(ctx, None).await?.is_empty());
     };
-    let candidates = schedulable_nodes(ctx).await?;
+    let candidates = schedulable_names(caches.nodes.state().iter().map(|n| &**n));
     let movers = caches.pods.state();
     Ok(!below_limit(ctx, candidates, movers.iter().map(|p| &**p)).is_empty())
 }
