@@ -75,14 +75,44 @@ pub fn is_root() -> bool {
 /// Applies owner, mode, xattrs and mtime to an entry already in place (never following symlinks).
 /// Returns warnings for metadata this filesystem or user cannot take (e.g. `security.*` xattrs).
 pub fn apply(path: &Path, node: &Node, as_root: bool) -> Result<Vec<String>> {
+    apply_to(Entry::Path(path), node, as_root)
+}
+
+/// [`apply`] through an open file (`fchown`, `fsetxattr`, `fchmod`, `futimens`): no path lookups, for a
+/// file the restore has just created and written. `path` is for messages.
+pub fn apply_open(file: &std::fs::File, path: &Path, node: &Node, as_root: bool) -> Result<Vec<String>> {
+    apply_to(Entry::Open(file, path), node, as_root)
+}
+
+/// Where metadata goes: a path (not followed if a symlink) or an open file.
+#[derive(Clone, Copy)]
+enum Entry<'a> {
+    Path(&'a Path),
+    Open(&'a std::fs::File, &'a Path),
+}
+
+fn apply_to(entry: Entry<'_>, node: &Node, as_root: bool) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    use xattr::FileExt;
+    let path = match entry {
+        Entry::Path(p) | Entry::Open(_, p) => p,
+    };
+    let io = |e| Error::io(path, e);
     let mut warnings = Vec::new();
-    let is_link = matches!(node.kind, NodeKind::Symlink { .. });
     if as_root {
-        std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid))
-            .map_err(|e| Error::io(path, e))?;
+        match entry {
+            Entry::Path(p) => std::os::unix::fs::lchown(p, Some(node.uid), Some(node.gid)),
+            Entry::Open(f, _) => std::os::unix::fs::fchown(f, Some(node.uid), Some(node.gid)),
+        }
+        .map_err(io)?;
     }
     for (k, v) in &node.xattrs {
-        if let Err(e) = xattr::set(path, OsStr::from_bytes(k), v) {
+        let name = OsStr::from_bytes(k);
+        let set = match entry {
+            Entry::Path(p) => xattr::set(p, name, v),
+            Entry::Open(f, _) => f.set_xattr(name, v),
+        };
+        if let Err(e) = set {
             warnings.push(format!(
                 "{}: xattr {}: {e}",
                 path.display(),
@@ -90,13 +120,20 @@ pub fn apply(path: &Path, node: &Node, as_root: bool) -> Result<Vec<String>> {
             ));
         }
     }
-    if !is_link {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
-            .map_err(|e| Error::io(path, e))?;
-    }
     let t = filetime::FileTime::from_unix_time(node.mtime_sec, node.mtime_nsec);
-    filetime::set_symlink_file_times(path, t, t).map_err(|e| Error::io(path, e))?;
+    let mode = std::fs::Permissions::from_mode(node.mode);
+    match entry {
+        Entry::Path(p) => {
+            if !matches!(node.kind, NodeKind::Symlink { .. }) {
+                std::fs::set_permissions(p, mode).map_err(io)?;
+            }
+            filetime::set_symlink_file_times(p, t, t).map_err(io)?;
+        }
+        Entry::Open(f, _) => {
+            f.set_permissions(mode).map_err(io)?;
+            filetime::set_file_handle_times(f, Some(t), Some(t)).map_err(io)?;
+        }
+    }
     Ok(warnings)
 }
 

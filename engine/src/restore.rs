@@ -1,10 +1,13 @@
 //! Restore: recreate a snapshot's tree under a target directory (or write a block snapshot into a device
 //! or image file).
 //!
-//! 1. Walk the trees; create directories, empty files of the final size, symlinks, FIFOs and devices; plan
-//!    which chunk goes to which file offsets.
+//! 1. Walk the trees; create directories, files of several chunks at their final size, empty files,
+//!    symlinks, FIFOs and devices; plan which chunk goes to which file offsets.
 //! 2. Group the chunks by pack, merge nearby ones into ranged reads, fetch in parallel, decrypt and verify
 //!    every chunk against its id, write it at its offsets (all-zero chunks are skipped with `--sparse`).
+//!    A file of one chunk (most files of a tree of many small files) is created when its chunk arrives,
+//!    written, and given its metadata through the open descriptor: one open and no path lookup after it,
+//!    instead of a create in step 1, an open in step 2 and three path-based calls in step 3.
 //! 3. Hard links, then metadata: files first, directories deepest first (so writing children does not
 //!    disturb a directory's mtime).
 //!
@@ -86,8 +89,17 @@ impl RestoreSummary {
 struct PlannedFile {
     path: PathBuf,
     content: Vec<BlobId>,
-    /// Open without truncating (a block device target).
-    device: bool,
+    how: Write,
+}
+
+/// How step 2 writes a planned file.
+enum Write {
+    /// Created in step 1 at its final size; chunks written at their offsets (zero ones skipped if sparse).
+    Chunks,
+    /// A block device: every chunk written, zeros too (a device does not read as zeros where unwritten).
+    Device,
+    /// A file of one chunk, created when the chunk arrives and given this metadata then.
+    OnArrival(Box<Node>),
 }
 
 #[derive(Default)]
@@ -101,6 +113,10 @@ struct Plan {
     links: Vec<(PathBuf, u64)>,
     link_origin: HashMap<u64, PathBuf>,
     summary: RestoreSummary,
+    /// Owners can be set (and are).
+    as_root: bool,
+    /// Warnings of step 2 (metadata of files created on arrival).
+    late_warnings: std::sync::Mutex<Vec<String>>,
 }
 
 /// What planning needs besides the plan itself.
@@ -120,6 +136,38 @@ fn ensure_dir(path: &Path) -> Result<()> {
         Err(e) => return Err(Error::io(path, e)),
     }
     std::fs::create_dir(path).map_err(|e| Error::io(path, e))
+}
+
+/// Creates a new file at `path`, replacing a non-directory already there (never following a symlink).
+fn create_file(path: &Path) -> Result<std::fs::File> {
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    };
+    match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            clear_slot(path)?;
+            create()
+        }
+        r => r,
+    }
+    .map_err(|e| Error::io(path, e))
+}
+
+/// A file node's metadata without its name and content (what a planned file keeps until it is written).
+fn file_meta_only(node: &Node) -> Node {
+    Node {
+        name: Vec::new(),
+        kind: NodeKind::File {
+            content: Vec::new(),
+        },
+        xattrs: node.xattrs.clone(),
+        hardlink: None,
+        ..*node
+    }
 }
 
 /// Removes whatever non-directory is at `path` so a new entry can be made there.
@@ -162,7 +210,7 @@ impl Plan {
         path: PathBuf,
         content: &[BlobId],
         size: u64,
-        device: bool,
+        how: Write,
     ) -> Result<()> {
         let (offs, total) = offsets(index, content)?;
         if total != size {
@@ -179,7 +227,7 @@ impl Plan {
         self.files.push(PlannedFile {
             path,
             content: content.to_vec(),
-            device,
+            how,
         });
         Ok(())
     }
@@ -198,23 +246,29 @@ impl Plan {
                 return Ok(());
             }
             NodeKind::File { content } => {
-                clear_slot(&path)?;
+                self.summary.files += 1;
                 if let Some(h) = node.hardlink {
                     if self.link_origin.contains_key(&h) {
+                        clear_slot(&path)?;
                         self.links.push((path, h));
-                        self.summary.files += 1;
                         return Ok(());
                     }
                     self.link_origin.insert(h, path.clone());
                 }
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(|e| Error::io(&path, e))?;
+                if content.len() == 1 {
+                    let how = Write::OnArrival(Box::new(file_meta_only(node)));
+                    return self.add_file(env.index, path, content, node.size, how);
+                }
+                let f = create_file(&path)?;
+                if content.is_empty() {
+                    let w = fsmeta::apply_open(&f, &path, node, env.as_root)?;
+                    self.summary.warnings.extend(w);
+                    return Ok(());
+                }
                 f.set_len(node.size).map_err(|e| Error::io(&path, e))?;
-                self.add_file(env.index, path.clone(), content, node.size, false)?;
+                self.add_file(env.index, path.clone(), content, node.size, Write::Chunks)?;
+                self.file_meta.push((path, file_meta_only(node)));
+                return Ok(());
             }
             NodeKind::Symlink { target } => {
                 clear_slot(&path)?;
@@ -356,17 +410,31 @@ fn write_chunk(plan: &Plan, targets: &[(u32, u64)], data: &[u8], sparse: bool) -
     let zero = sparse && data.iter().all(|&b| b == 0);
     for &(f, off) in targets {
         let pf = &plan.files[f as usize];
-        // A fresh file already reads as zeros there; a device does not.
-        if zero && !pf.device {
-            continue;
+        let io = |e| Error::io(&pf.path, e);
+        match &pf.how {
+            Write::OnArrival(node) => {
+                let file = create_file(&pf.path)?;
+                if zero {
+                    file.set_len(node.size).map_err(io)?;
+                } else {
+                    file.write_all_at(data, off).map_err(io)?;
+                }
+                let w = fsmeta::apply_open(&file, &pf.path, node, plan.as_root)?;
+                if !w.is_empty() {
+                    plan.late_warnings.lock().expect("warnings lock").extend(w);
+                }
+            }
+            // A fresh file already reads as zeros there.
+            Write::Chunks if zero => {}
+            Write::Chunks | Write::Device => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&pf.path)
+                    .map_err(io)?;
+                file.write_all_at(data, off).map_err(io)?;
+            }
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&pf.path)
-            .map_err(|e| Error::io(&pf.path, e))?;
-        file.write_all_at(data, off)
-            .map_err(|e| Error::io(&pf.path, e))?;
     }
     Ok(())
 }
@@ -416,7 +484,10 @@ pub async fn restore(
         );
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || -> Result<Plan> {
-            let mut plan = Plan::default();
+            let mut plan = Plan {
+                as_root,
+                ..Plan::default()
+            };
             if source == SourceKind::Block {
                 plan_block(&mut plan, &index, &root, &target)?;
             } else {
@@ -493,6 +564,9 @@ pub async fn restore(
     let summary = tokio::task::spawn_blocking(move || -> Result<RestoreSummary> {
         let progress = p;
         let mut summary = plan.summary.clone();
+        summary
+            .warnings
+            .append(&mut plan.late_warnings.lock().expect("warnings lock"));
         for (path, key) in &plan.links {
             std::fs::hard_link(&plan.link_origin[key], path).map_err(|e| Error::io(path, e))?;
         }
@@ -555,6 +629,7 @@ fn plan_block(plan: &mut Plan, index: &Index, root: &Tree, target: &Path) -> Res
         f.set_len(node.size).map_err(|e| Error::io(target, e))?;
     }
     plan.summary.files = 1;
-    plan.add_file(index, target.to_path_buf(), content, node.size, device)?;
+    let how = if device { Write::Device } else { Write::Chunks };
+    plan.add_file(index, target.to_path_buf(), content, node.size, how)?;
     Ok(())
 }

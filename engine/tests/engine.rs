@@ -369,6 +369,40 @@ async fn restore_never_writes_outside_its_target() {
     assert_eq!(std::fs::read(out.path().join("d/f")).unwrap(), payload);
 }
 
+/// A restore into a target that already holds an earlier restore (changed since) makes it the snapshot
+/// again: files replaced, a symlink where a file goes replaced and not followed; a directory where a file
+/// goes is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_again_over_a_changed_target_replaces_what_is_there() {
+    use std::os::unix::fs::PermissionsExt;
+    let (src, repo_dir, out, outside) = (tempdir(), tempdir(), tempdir(), tempdir());
+    rich_tree(src.path());
+    let repo = new_repo(local(repo_dir.path())).await;
+    backup(&repo, src.path()).await;
+    restore_latest(&repo, out.path()).await.unwrap();
+
+    let o = out.path();
+    std::fs::remove_file(o.join("a/small.txt")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("victim"), o.join("a/small.txt")).unwrap();
+    std::fs::write(o.join("a/b/c/text.log"), b"changed").unwrap();
+    std::fs::set_permissions(o.join("a/read-only.txt"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(o.join("a/read-only.txt"), b"changed").unwrap();
+    std::fs::remove_file(o.join("empty-file")).unwrap();
+    std::fs::write(o.join("empty-file"), b"not empty").unwrap();
+    let r = restore_latest(&repo, o).await.unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    ferry_engine::fsmeta::compare_trees(src.path(), o).unwrap();
+    assert!(files_under(outside.path()).is_empty(), "restore followed a symlink");
+
+    std::fs::remove_file(o.join("a/read-only.txt")).unwrap();
+    std::fs::create_dir(o.join("a/read-only.txt")).unwrap();
+    let err = restore_latest(&repo, o).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid(m) if m.contains("a directory is in the way")),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_backups_at_once_both_succeed() {
     let (a, b, repo_dir) = (tempdir(), tempdir(), tempdir());

@@ -117,8 +117,17 @@ pub fn rich_tree(root: &Path) {
         b"xattr value",
     )
     .unwrap();
+    // A small file (one chunk) with all its metadata: restored through its open descriptor.
+    std::fs::write(root.join("a/read-only.txt"), b"read only\n").unwrap();
+    xattr::set(root.join("a/read-only.txt"), "user.ferry.small", b"v").unwrap();
     let t = filetime::FileTime::from_unix_time(1_600_000_000, 123_456_789);
     filetime::set_symlink_file_times(root.join("a/b/c/text.log"), t, t).unwrap();
+    filetime::set_symlink_file_times(root.join("a/read-only.txt"), t, t).unwrap();
+    std::fs::set_permissions(
+        root.join("a/read-only.txt"),
+        std::fs::Permissions::from_mode(0o400),
+    )
+    .unwrap();
     filetime::set_symlink_file_times(root.join("rel-link"), t, t).unwrap();
 }
 
