@@ -76,7 +76,7 @@ pub async fn update<K: MoverCr>(ctx: &Context, cr: &K, f: impl FnOnce(&mut K)) -
         }
         ctx.metrics.transition(&K::kind(&()), next.phase());
         tracing::info!(kind = %K::kind(&()), name = %cr.name_any(), from = ?cr.phase(), to = ?next.phase(),
-            message = next.message().unwrap_or(""), "phase");
+            status_message = next.message().unwrap_or(""), "phase");
     }
     Ok(out)
 }
@@ -174,4 +174,74 @@ pub fn cleanup_overdue<K: MoverCr>(cr: &K) -> bool {
         tracing::warn!(name = %cr.name_any(), "objects still terminating after 2 minutes; releasing the CR");
     }
     overdue
+}
+
+#[cfg(test)]
+mod tests {
+    //! What the flow's writes log.
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::testing::{ctx, du, echo_or, serve};
+
+    /// Where a JSON log layer writes, for the test to read.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("logs").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+        fn make_writer(&'a self) -> Logs {
+            self.clone()
+        }
+    }
+
+    /// The controller logs JSON (one object per line); a phase change's line must keep its own message
+    /// ("phase") and the CR's status message under another key: a field named `message` made two
+    /// "message" keys, and a JSON reader kept the status message and lost which event it was.
+    #[tokio::test]
+    async fn a_phase_change_logs_one_json_object_a_reader_reads_whole() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(logs.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (ctx, handle) = ctx();
+        let server = serve(handle, echo_or(|_| None));
+        let cr = du(json!({"phase": "InProgress"}), |_| {});
+        update(&ctx, &cr, |c| {
+            let s = c.common();
+            *s.phase = Phase::Completed;
+            *s.message = Some("volume was empty so no data was upload".into());
+        })
+        .await
+        .expect("update");
+        drop(ctx);
+        server.await.expect("server");
+        let out = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8");
+        let line = out
+            .lines()
+            .find(|l| l.contains("\"to\""))
+            .unwrap_or_else(|| panic!("no phase line in {out}"));
+        let v: Value = serde_json::from_str(line).expect("json");
+        assert_eq!(v["fields"]["message"], "phase", "{line}");
+        assert_eq!(v["fields"]["to"], "Completed", "{line}");
+        assert_eq!(
+            v["fields"]["status_message"], "volume was empty so no data was upload",
+            "{line}"
+        );
+        assert_eq!(line.matches("\"message\"").count(), 1, "{line}");
+    }
 }

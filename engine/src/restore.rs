@@ -1,15 +1,18 @@
 //! Restore: recreate a snapshot's tree under a target directory (or write a block snapshot into a device
 //! or image file).
 //!
-//! 1. Walk the trees; create directories, files of several chunks at their final size, empty files,
-//!    symlinks, FIFOs and devices; plan which chunk goes to which file offsets.
-//! 2. Group the chunks by pack, merge nearby ones into ranged reads, fetch in parallel, decrypt and verify
-//!    every chunk against its id, write it at its offsets (all-zero chunks are skipped with `--sparse`).
+//! 1. A planner thread walks the trees; creates directories, files of several chunks at their final size,
+//!    empty files, symlinks, FIFOs and devices; and plans which chunk goes to which file offsets, in
+//!    batches of at most [`RestoreOptions::batch_placements`] placements (a large file's chunks may span batches). Each
+//!    batch goes through a channel of one, so memory is bounded whatever the size of the tree and the
+//!    planner walks ahead while the previous batch is written.
+//! 2. Per batch: group the chunks by pack, merge nearby ones into ranged reads, fetch in parallel, decrypt
+//!    and verify every chunk against its id, write it at its offsets (all-zero chunks are skipped with
+//!    `--sparse`); then the metadata of the files whose last chunk was in the batch.
 //!    A file of one chunk (most files of a tree of many small files) is created when its chunk arrives,
-//!    written, and given its metadata through the open descriptor: one open and no path lookup after it,
-//!    instead of a create in step 1, an open in step 2 and three path-based calls in step 3.
-//! 3. Hard links, then metadata: files first, directories deepest first (so writing children does not
-//!    disturb a directory's mtime).
+//!    written, and given its metadata through the open descriptor: one open and no path lookup after it.
+//! 3. Hard links, then directories' metadata, deepest first (so writing children does not disturb a
+//!    directory's mtime).
 //!
 //! Safety: names come from validated trees (single components, no duplicates), every directory entered is
 //! one this restore created or found as a real directory (never a symlink), and files are opened with
@@ -45,6 +48,8 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// Concurrent downloads.
     pub downloads: usize,
+    /// The most chunk placements one batch of the plan holds (memory bound; see the module doc).
+    pub batch_placements: usize,
 }
 
 impl RestoreOptions {
@@ -55,6 +60,7 @@ impl RestoreOptions {
             sparse: false,
             verify: false,
             downloads: 4,
+            batch_placements: BATCH_PLACEMENTS,
         }
     }
 }
@@ -86,13 +92,20 @@ impl RestoreSummary {
     }
 }
 
+/// The most chunk placements (a chunk at one offset of one file) one batch of the plan holds by default
+/// ([`RestoreOptions::batch_placements`]). A placement costs about 100–200 bytes of plan, so a batch stays
+/// within a few MiB; batches follow the walk, as the backup packed the chunks, so a batch's chunks fill few
+/// packs and are read in long ranges.
+const BATCH_PLACEMENTS: usize = 32 * 1024;
+
+/// A file (or, for a large one, the part of it) that a batch writes.
 struct PlannedFile {
     path: PathBuf,
-    content: Vec<BlobId>,
     how: Write,
 }
 
 /// How step 2 writes a planned file.
+#[derive(Clone)]
 enum Write {
     /// Created in step 1 at its final size; chunks written at their offsets (zero ones skipped if sparse).
     Chunks,
@@ -102,29 +115,37 @@ enum Write {
     OnArrival(Box<Node>),
 }
 
+/// One part of the plan, written as a whole before the next.
 #[derive(Default)]
-struct Plan {
+struct Batch {
     files: Vec<PlannedFile>,
-    /// Chunk -> (file, offset) for every place it goes.
+    /// Chunk -> (file in `files`, offset) for every place it goes in this batch.
     targets: HashMap<BlobId, Vec<(u32, u64)>>,
-    /// Metadata to apply after content: files, then directories (deepest first).
+    placements: usize,
+    /// Metadata of the files whose last chunk is in this batch, applied once it is written.
     file_meta: Vec<(PathBuf, Node)>,
+}
+
+/// What the whole restore needs after the last batch: hard links and directories' metadata.
+#[derive(Default)]
+struct Finish {
+    /// Directories with their depth, for metadata deepest first.
     dir_meta: Vec<(PathBuf, Node, usize)>,
     links: Vec<(PathBuf, u64)>,
     link_origin: HashMap<u64, PathBuf>,
     summary: RestoreSummary,
-    /// Owners can be set (and are).
-    as_root: bool,
-    /// Warnings of step 2 (metadata of files created on arrival).
-    late_warnings: std::sync::Mutex<Vec<String>>,
 }
 
-/// What planning needs besides the plan itself.
-struct Env<'a> {
+/// Step 1: walks the snapshot, makes the structure, and hands the content plan on batch by batch.
+struct Planner<'a> {
     repo: &'a Repository,
     index: &'a Index,
     rt: &'a tokio::runtime::Handle,
     as_root: bool,
+    batch_placements: usize,
+    batch: Batch,
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    finish: Finish,
 }
 
 /// Makes sure `path` is a real directory created or vetted by us.
@@ -203,72 +224,94 @@ fn offsets(index: &Index, content: &[BlobId]) -> Result<(Vec<u64>, u64)> {
     Ok((out, off))
 }
 
-impl Plan {
+impl Planner<'_> {
+    /// Hands the current batch to the writer (waiting while it writes the previous one).
+    fn flush(&mut self) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.placements == 0 && batch.file_meta.is_empty() {
+            return Ok(());
+        }
+        // The writer is gone only when it failed; its error is the restore's.
+        self.tx.blocking_send(batch).map_err(|_| Error::Canceled)
+    }
+
+    /// Plans `content` of the file at `path`; `meta` is applied once its last chunk is written.
     fn add_file(
         &mut self,
-        index: &Index,
         path: PathBuf,
         content: &[BlobId],
         size: u64,
         how: Write,
+        meta: Option<Node>,
     ) -> Result<()> {
-        let (offs, total) = offsets(index, content)?;
+        let (offs, total) = offsets(self.index, content)?;
         if total != size {
             return Err(Error::Integrity(format!(
                 "{}: chunks add up to {total} bytes, snapshot says {size}",
                 path.display()
             )));
         }
-        let f = self.files.len() as u32;
-        for (id, o) in content.iter().zip(offs) {
-            self.targets.entry(*id).or_default().push((f, o));
+        self.finish.summary.bytes += size;
+        let mut here = None; // the file's index in the current batch
+        for (id, off) in content.iter().zip(offs) {
+            if self.batch.placements >= self.batch_placements {
+                self.flush()?;
+                here = None;
+            }
+            let f = *here.get_or_insert_with(|| {
+                self.batch.files.push(PlannedFile {
+                    path: path.clone(),
+                    how: how.clone(),
+                });
+                self.batch.files.len() as u32 - 1
+            });
+            self.batch.targets.entry(*id).or_default().push((f, off));
+            self.batch.placements += 1;
         }
-        self.summary.bytes += size;
-        self.files.push(PlannedFile {
-            path,
-            content: content.to_vec(),
-            how,
-        });
+        self.batch.file_meta.extend(meta.map(|m| (path, m)));
         Ok(())
     }
 
-    fn create_node(&mut self, env: &Env<'_>, dir: &Path, node: &Node, depth: usize) -> Result<()> {
+    fn create_node(&mut self, dir: &Path, node: &Node, depth: usize) -> Result<()> {
+        if self.tx.is_closed() {
+            return Err(Error::Canceled); // step 2 failed: create nothing more
+        }
         let path = dir.join(std::ffi::OsStr::from_bytes(&node.name));
+        let summary = &mut self.finish.summary;
         match &node.kind {
             NodeKind::Dir { subtree } => {
                 ensure_dir(&path)?;
-                self.summary.dirs += 1;
-                let tree = env.rt.block_on(env.repo.read_tree(subtree))?;
+                summary.dirs += 1;
+                let tree = self.rt.block_on(self.repo.read_tree(subtree))?;
                 for n in &tree.nodes {
-                    self.create_node(env, &path, n, depth + 1)?;
+                    self.create_node(&path, n, depth + 1)?;
                 }
-                self.dir_meta.push((path, node.clone(), depth));
+                self.finish.dir_meta.push((path, node.clone(), depth));
                 return Ok(());
             }
             NodeKind::File { content } => {
-                self.summary.files += 1;
+                summary.files += 1;
                 if let Some(h) = node.hardlink {
-                    if self.link_origin.contains_key(&h) {
+                    if self.finish.link_origin.contains_key(&h) {
                         clear_slot(&path)?;
-                        self.links.push((path, h));
+                        self.finish.links.push((path, h));
                         return Ok(());
                     }
-                    self.link_origin.insert(h, path.clone());
+                    self.finish.link_origin.insert(h, path.clone());
                 }
                 if content.len() == 1 {
                     let how = Write::OnArrival(Box::new(file_meta_only(node)));
-                    return self.add_file(env.index, path, content, node.size, how);
+                    return self.add_file(path, content, node.size, how, None);
                 }
                 let f = create_file(&path)?;
                 if content.is_empty() {
-                    let w = fsmeta::apply_open(&f, &path, node, env.as_root)?;
-                    self.summary.warnings.extend(w);
+                    let w = fsmeta::apply_open(&f, &path, node, self.as_root)?;
+                    summary.warnings.extend(w);
                     return Ok(());
                 }
                 f.set_len(node.size).map_err(|e| Error::io(&path, e))?;
-                self.add_file(env.index, path.clone(), content, node.size, Write::Chunks)?;
-                self.file_meta.push((path, file_meta_only(node)));
-                return Ok(());
+                let meta = Some(file_meta_only(node));
+                return self.add_file(path, content, node.size, Write::Chunks, meta);
             }
             NodeKind::Symlink { target } => {
                 clear_slot(&path)?;
@@ -281,12 +324,12 @@ impl Plan {
                     .map_err(|e| Error::io(&path, e.into()))?;
             }
             NodeKind::CharDevice { rdev } | NodeKind::BlockDevice { rdev } => {
-                if !env.as_root {
-                    self.summary.warnings.push(format!(
+                summary.files += 1;
+                if !self.as_root {
+                    summary.warnings.push(format!(
                         "{}: device node not created (needs root)",
                         path.display()
                     ));
-                    self.summary.files += 1;
                     return Ok(());
                 }
                 clear_slot(&path)?;
@@ -302,15 +345,81 @@ impl Plan {
                     *rdev,
                 )
                 .map_err(|e| Error::io(&path, e.into()))?;
+                // Nothing is written to it: its metadata goes with the current batch.
+                self.batch.file_meta.push((path, node.clone()));
+                return Ok(());
             }
             NodeKind::Socket => {
-                self.summary.files += 1;
+                summary.files += 1;
                 return Ok(());
             }
         }
-        self.summary.files += 1;
-        self.file_meta.push((path, node.clone()));
+        summary.files += 1;
+        self.batch.file_meta.push((path, node.clone()));
         Ok(())
+    }
+
+    /// Step 1 for a directory snapshot: the target directory, then every entry.
+    fn plan_tree(&mut self, root: &Tree, target: &Path) -> Result<()> {
+        std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
+        if !std::fs::symlink_metadata(target)
+            .map_err(|e| Error::io(target, e))?
+            .is_dir()
+        {
+            return Err(Error::Invalid(format!(
+                "{}: restore target must be a directory",
+                target.display()
+            )));
+        }
+        self.finish.summary.dirs += 1;
+        for n in &root.nodes {
+            self.create_node(target, n, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Step 1 for a block snapshot: the device (checked large enough) or an image file of the size.
+    fn plan_block(&mut self, root: &Tree, target: &Path) -> Result<()> {
+        let [node] = root.nodes.as_slice() else {
+            return Err(Error::Format(
+                "a block snapshot must hold exactly one entry".into(),
+            ));
+        };
+        let NodeKind::File { content } = &node.kind else {
+            return Err(Error::Format(
+                "a block snapshot's entry must be a file".into(),
+            ));
+        };
+        let device = std::fs::metadata(target)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        if device {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(target)
+                .map_err(|e| Error::io(target, e))?;
+            let size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
+                .map_err(|e| Error::io(target, e))?;
+            if size < node.size {
+                return Err(Error::Invalid(format!(
+                    "{}: device has {size} bytes, the snapshot needs {}",
+                    target.display(),
+                    node.size
+                )));
+            }
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(target)
+                .map_err(|e| Error::io(target, e))?;
+            f.set_len(node.size).map_err(|e| Error::io(target, e))?;
+        }
+        self.finish.summary.files = 1;
+        let how = if device { Write::Device } else { Write::Chunks };
+        self.add_file(target.to_path_buf(), content, node.size, how, None)
     }
 }
 
@@ -406,10 +515,19 @@ async fn fetch(repo: &Repository, r: Range) -> Result<Vec<(Range, Bytes)>> {
     )))
 }
 
-fn write_chunk(plan: &Plan, targets: &[(u32, u64)], data: &[u8], sparse: bool) -> Result<()> {
+/// Writes one decoded chunk at each of its places in the batch. Returns warnings of metadata applied to
+/// files created on arrival.
+fn write_chunk(
+    batch: &Batch,
+    targets: &[(u32, u64)],
+    data: &[u8],
+    sparse: bool,
+    as_root: bool,
+) -> Result<Vec<String>> {
     let zero = sparse && data.iter().all(|&b| b == 0);
+    let mut warnings = Vec::new();
     for &(f, off) in targets {
-        let pf = &plan.files[f as usize];
+        let pf = &batch.files[f as usize];
         let io = |e| Error::io(&pf.path, e);
         match &pf.how {
             Write::OnArrival(node) => {
@@ -419,10 +537,7 @@ fn write_chunk(plan: &Plan, targets: &[(u32, u64)], data: &[u8], sparse: bool) -
                 } else {
                     file.write_all_at(data, off).map_err(io)?;
                 }
-                let w = fsmeta::apply_open(&file, &pf.path, node, plan.as_root)?;
-                if !w.is_empty() {
-                    plan.late_warnings.lock().expect("warnings lock").extend(w);
-                }
+                warnings.extend(fsmeta::apply_open(&file, &pf.path, node, as_root)?);
             }
             // A fresh file already reads as zeros there.
             Write::Chunks if zero => {}
@@ -436,30 +551,101 @@ fn write_chunk(plan: &Plan, targets: &[(u32, u64)], data: &[u8], sparse: bool) -
             }
         }
     }
-    Ok(())
+    Ok(warnings)
 }
 
-/// Checks restored files against their chunk ids.
-fn verify_files(repo: &Repository, index: &Index, plan: &Plan, progress: &Progress) -> Result<()> {
-    for pf in &plan.files {
-        let f = std::fs::File::open(&pf.path).map_err(|e| Error::io(&pf.path, e))?;
-        let mut off = 0u64;
-        for id in &pf.content {
-            progress.check()?;
-            let len = index.get(id).map(|l| l.raw_length as usize).unwrap_or(0);
-            let mut buf = vec![0u8; len];
-            f.read_exact_at(&mut buf, off)
-                .map_err(|e| Error::io(&pf.path, e))?;
-            if repo.keys().blob_id(&buf) != *id {
-                return Err(Error::Integrity(format!(
-                    "{}: content at offset {off} differs from the snapshot",
-                    pf.path.display()
-                )));
-            }
-            off += len as u64;
+/// Checks a written batch: every placement read back and hashed against its chunk id.
+fn verify_batch(repo: &Repository, index: &Index, batch: &Batch, progress: &Progress) -> Result<()> {
+    let mut places: Vec<(u32, u64, &BlobId)> = batch
+        .targets
+        .iter()
+        .flat_map(|(id, t)| t.iter().map(move |&(f, off)| (f, off, id)))
+        .collect();
+    places.sort_unstable_by_key(|p| (p.0, p.1));
+    let mut open: Option<(u32, std::fs::File)> = None;
+    for (f, off, id) in places {
+        progress.check()?;
+        let path = &batch.files[f as usize].path;
+        if open.as_ref().is_none_or(|o| o.0 != f) {
+            open = Some((f, std::fs::File::open(path).map_err(|e| Error::io(path, e))?));
+        }
+        let file = &open.as_ref().expect("opened above").1;
+        let len = index.get(id).map(|l| l.raw_length as usize).unwrap_or(0);
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off)
+            .map_err(|e| Error::io(path, e))?;
+        if repo.keys().blob_id(&buf) != *id {
+            return Err(Error::Integrity(format!(
+                "{}: content at offset {off} differs from the snapshot",
+                path.display()
+            )));
         }
     }
     Ok(())
+}
+
+/// Step 2 for one batch: its chunks fetched by pack and written, then its files' metadata (and, with
+/// `verify`, every placement read back). Returns the metadata warnings.
+async fn write_batch(
+    repo: &Arc<Repository>,
+    index: &Arc<Index>,
+    batch: Batch,
+    opts: &RestoreOptions,
+    progress: &Arc<Progress>,
+    as_root: bool,
+) -> Result<Vec<String>> {
+    let batch = Arc::new(batch);
+    let ranges = plan_ranges(index, batch.targets.keys().copied())?;
+    let warnings = stream::iter(ranges)
+        .map(|r| {
+            let (repo, batch, progress, sparse) =
+                (repo.clone(), batch.clone(), progress.clone(), opts.sparse);
+            async move {
+                progress.check()?;
+                let fetched = fetch(&repo, r).await?;
+                let mut warnings = Vec::new();
+                for (r, bytes) in fetched {
+                    Progress::add(&progress.bytes_transferred, r.len);
+                    let (repo, batch, progress) = (repo.clone(), batch.clone(), progress.clone());
+                    let w = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+                        let mut warnings = Vec::new();
+                        for (id, off, len, raw) in &r.blobs {
+                            let s = (off - r.start) as usize;
+                            let data = pack::decode_blob(
+                                repo.keys(),
+                                BlobKind::Data,
+                                id,
+                                &bytes[s..s + *len as usize],
+                            )?;
+                            let targets = &batch.targets[id];
+                            warnings.extend(write_chunk(&batch, targets, &data, sparse, as_root)?);
+                            Progress::add(&progress.bytes_done, *raw as u64 * targets.len() as u64);
+                        }
+                        Ok(warnings)
+                    })
+                    .await
+                    .map_err(|e| Error::Invalid(format!("restore writer: {e}")))??;
+                    warnings.extend(w);
+                }
+                Ok::<_, Error>(warnings)
+            }
+        })
+        .buffer_unordered(opts.downloads.max(1))
+        .try_concat()
+        .await?;
+    let (repo, index, progress, verify) = (repo.clone(), index.clone(), progress.clone(), opts.verify);
+    tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let mut warnings = warnings;
+        for (path, node) in &batch.file_meta {
+            warnings.extend(fsmeta::apply(path, node, as_root)?);
+        }
+        if verify {
+            verify_batch(&repo, &index, &batch, &progress)?;
+        }
+        Ok(warnings)
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("restore metadata: {e}")))?
 }
 
 /// Restores `snap` according to `opts`.
@@ -472,164 +658,77 @@ pub async fn restore(
     let index = repo.index().await?;
     let root = repo.read_tree(&snap.tree).await?;
     progress.set_phase(Phase::Running);
+    // The snapshot's own totals: the plan is never whole in memory to count them.
+    progress.set_totals(snap.summary.files, snap.summary.total_bytes);
     let as_root = fsmeta::is_root();
 
-    // 1. Structure and plan.
-    let plan = {
-        let (repo, index, target, source) = (
+    // 1. Structure and plan, on a thread of its own, one batch ahead of step 2.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(1);
+    let planner = {
+        let (repo, index, target, block, batch_placements) = (
             repo.clone(),
             index.clone(),
             opts.target.clone(),
-            snap.source,
+            snap.source == SourceKind::Block,
+            opts.batch_placements.max(1),
         );
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || -> Result<Plan> {
-            let mut plan = Plan {
+        tokio::task::spawn_blocking(move || -> Result<Finish> {
+            let mut p = Planner {
+                repo: &repo,
+                index: &index,
+                rt: &rt,
                 as_root,
-                ..Plan::default()
+                batch_placements,
+                batch: Batch::default(),
+                tx,
+                finish: Finish::default(),
             };
-            if source == SourceKind::Block {
-                plan_block(&mut plan, &index, &root, &target)?;
+            if block {
+                p.plan_block(&root, &target)?;
             } else {
-                std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-                if !std::fs::symlink_metadata(&target)
-                    .map_err(|e| Error::io(&target, e))?
-                    .is_dir()
-                {
-                    return Err(Error::Invalid(format!(
-                        "{}: restore target must be a directory",
-                        target.display()
-                    )));
-                }
-                plan.summary.dirs += 1;
-                let env = Env {
-                    repo: &repo,
-                    index: &index,
-                    rt: &rt,
-                    as_root,
-                };
-                for n in &root.nodes {
-                    plan.create_node(&env, &target, n, 1)?;
-                }
+                p.plan_tree(&root, &target)?;
             }
-            Ok(plan)
+            p.flush()?;
+            Ok(p.finish)
         })
-        .await
-        .map_err(|e| Error::Invalid(format!("restore planner: {e}")))??
     };
-    progress.set_totals(plan.summary.files, plan.summary.bytes);
 
-    // 2. Content, by pack.
-    let plan = Arc::new(plan);
-    let ranges = plan_ranges(&index, plan.targets.keys().copied())?;
-    stream::iter(ranges)
-        .map(|r| {
-            let (repo, plan, progress, sparse) =
-                (repo.clone(), plan.clone(), progress.clone(), opts.sparse);
-            async move {
-                progress.check()?;
-                let fetched = fetch(&repo, r).await?;
-                for (r, bytes) in fetched {
-                    Progress::add(&progress.bytes_transferred, r.len);
-                    let (repo, plan, progress) = (repo.clone(), plan.clone(), progress.clone());
-                    tokio::task::spawn_blocking(move || -> Result<()> {
-                        for (id, off, len, raw) in &r.blobs {
-                            let s = (off - r.start) as usize;
-                            let data = pack::decode_blob(
-                                repo.keys(),
-                                BlobKind::Data,
-                                id,
-                                &bytes[s..s + *len as usize],
-                            )?;
-                            let targets = &plan.targets[id];
-                            write_chunk(&plan, targets, &data, sparse)?;
-                            Progress::add(&progress.bytes_done, *raw as u64 * targets.len() as u64);
-                        }
-                        Ok(())
-                    })
-                    .await
-                    .map_err(|e| Error::Invalid(format!("restore writer: {e}")))??;
-                }
-                Ok::<(), Error>(())
+    // 2. Content, batch by batch.
+    let mut warnings = Vec::new();
+    while let Some(batch) = rx.recv().await {
+        match write_batch(&repo, &index, batch, opts, &progress, as_root).await {
+            Ok(w) => warnings.extend(w),
+            Err(e) => {
+                drop(rx); // the planner stops at its next batch
+                let _ = planner.await;
+                return Err(e);
             }
-        })
-        .buffer_unordered(opts.downloads.max(1))
-        .try_collect::<()>()
-        .await?;
+        }
+    }
+    let finish = planner
+        .await
+        .map_err(|e| Error::Invalid(format!("restore planner: {e}")))??;
 
-    // 3. Links and metadata.
+    // 3. Links and directories' metadata.
     progress.set_phase(Phase::Finishing);
-    let verify = opts.verify;
     let p = progress.clone();
     let summary = tokio::task::spawn_blocking(move || -> Result<RestoreSummary> {
-        let progress = p;
-        let mut summary = plan.summary.clone();
-        summary
-            .warnings
-            .append(&mut plan.late_warnings.lock().expect("warnings lock"));
-        for (path, key) in &plan.links {
-            std::fs::hard_link(&plan.link_origin[key], path).map_err(|e| Error::io(path, e))?;
+        let mut summary = finish.summary;
+        summary.warnings.append(&mut warnings);
+        for (path, key) in &finish.links {
+            std::fs::hard_link(&finish.link_origin[key], path).map_err(|e| Error::io(path, e))?;
         }
-        for (path, node) in &plan.file_meta {
-            summary.warnings.extend(fsmeta::apply(path, node, as_root)?);
-        }
-        let mut dirs: Vec<_> = plan.dir_meta.iter().collect();
+        let mut dirs: Vec<_> = finish.dir_meta.iter().collect();
         dirs.sort_by_key(|d| std::cmp::Reverse(d.2));
         for (path, node, _) in dirs {
             summary.warnings.extend(fsmeta::apply(path, node, as_root)?);
         }
-        if verify {
-            verify_files(&repo, &index, &plan, &progress)?;
-        }
-        Progress::add(&progress.files_done, summary.files);
+        Progress::add(&p.files_done, summary.files);
         Ok(summary)
     })
     .await
     .map_err(|e| Error::Invalid(format!("restore metadata: {e}")))??;
     progress.set_phase(Phase::Done);
     Ok(summary)
-}
-
-fn plan_block(plan: &mut Plan, index: &Index, root: &Tree, target: &Path) -> Result<()> {
-    let [node] = root.nodes.as_slice() else {
-        return Err(Error::Format(
-            "a block snapshot must hold exactly one entry".into(),
-        ));
-    };
-    let NodeKind::File { content } = &node.kind else {
-        return Err(Error::Format(
-            "a block snapshot's entry must be a file".into(),
-        ));
-    };
-    let device = std::fs::metadata(target)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    if device {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(target)
-            .map_err(|e| Error::io(target, e))?;
-        let size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
-            .map_err(|e| Error::io(target, e))?;
-        if size < node.size {
-            return Err(Error::Invalid(format!(
-                "{}: device has {size} bytes, the snapshot needs {}",
-                target.display(),
-                node.size
-            )));
-        }
-    } else {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(target)
-            .map_err(|e| Error::io(target, e))?;
-        f.set_len(node.size).map_err(|e| Error::io(target, e))?;
-    }
-    plan.summary.files = 1;
-    let how = if device { Write::Device } else { Write::Chunks };
-    plan.add_file(index, target.to_path_buf(), content, node.size, how)?;
-    Ok(())
 }
