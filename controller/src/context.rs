@@ -8,6 +8,7 @@ use crate::admission::Admission;
 use crate::backoff::Backoff;
 use crate::caches::Caches;
 use crate::config::Config;
+use crate::memo::Memo;
 use crate::metrics::Metrics;
 use crate::wake::Wake;
 
@@ -41,6 +42,8 @@ pub struct Context {
     pub admission: Admission,
     /// The CRs waiting for a place or a mover slot, woken when one frees.
     pub wake: Wake,
+    /// What the Accepted CRs' steps found: exposure and repository, ready for a free slot.
+    pub memo: Memo,
     caches: OnceLock<Caches>,
 }
 
@@ -56,6 +59,7 @@ impl Context {
             backoff: Backoff::default(),
             admission: Admission::default(),
             wake: Wake::default(),
+            memo: Memo::default(),
             caches: OnceLock::new(),
         }
     }

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "caches",
             "admission",
             "wake",
+            "memo",
             "metrics",
             "context",
             "objects",

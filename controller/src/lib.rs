@@ -7,8 +7,9 @@
 //! 1. configuration and CR access: [`config`], [`error`], [`validate`] (user-written fields),
 //!    [`clock`] (every age), [`step`] (the typed outcome of a step), [`backoff`], [`cr`] (DataUpload and
 //!    DataDownload behind one trait), [`caches`] (the controllers' watch caches), [`admission`] (the
-//!    prepare queue, counted in them), [`wake`] (waiting CRs woken when a slot frees), [`metrics`]
-//!    (Prometheus), [`context`], [`objects`] (names, owner labels, idempotent writes);
+//!    prepare queue, counted in them), [`wake`] (waiting CRs woken when a slot frees), [`memo`] (what a
+//!    waiting CR's steps already found), [`metrics`] (Prometheus), [`context`], [`objects`] (names, owner
+//!    labels, idempotent writes);
 //! 2. the exposers, [`expose`]: [`expose::snapshot`] (CSI snapshot clone, backup) and [`expose::rebind`]
 //!    (PV rebinding, restore);
 //! 3. the mover pod: [`repo`] (the repository a BSL points to), [`pod`] (build and read), [`placement`]
@@ -31,6 +32,7 @@ pub mod error;
 pub mod expose;
 pub mod flow;
 pub mod leader;
+pub mod memo;
 pub mod metrics;
 pub mod objects;
 pub mod phases;

@@ -39,6 +39,7 @@ const WATCH_REQUEUE: Duration = Duration::from_secs(10);
 
 /// Terminal: clean up, then drop the finalizer. Never changes the phase again.
 pub async fn finish<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
+    ctx.memo.forget(&cr.uid().unwrap_or_default());
     if !cr.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
@@ -85,14 +86,41 @@ async fn get_pod<K: MoverCr>(ctx: &Context, cr: &K) -> Result<Option<Pod>> {
     Ok(p.filter(|p| p.labels().get(ferry_proto::labels::OWNER_UID) == cr.uid().as_ref()))
 }
 
-/// Accepted: expose, create the mover pod, wait until it runs (→ Prepared), within the prepare timeout.
+/// What an Accepted CR needs for its mover pod, found once ahead of a free slot ([`crate::memo`]).
+#[derive(Debug, Clone)]
+struct Ready {
+    exposure: Exposure,
+    repo: RepoTarget,
+}
+
+/// Accepted: expose the volume and read the repository (once, while waiting in the prepare queue), create
+/// the mover pod when a node has a free slot, wait until it runs (→ Prepared), within the prepare timeout.
 pub async fn prepare<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
+    let uid = cr.uid().unwrap_or_default();
     if let Some(p) = get_pod(ctx, cr).await? {
+        ctx.memo.forget(&uid);
         return pod_started(cr, ctx, &p).await;
     }
-    // With every node's slots taken there is nothing to expose for yet. The CRs waiting for a slot look
-    // in the watch caches, at no request; exposing and reading the repository cost several, which each
-    // of them repeated at every look (bench/CLUSTER.md).
+    // Exposed ahead, so a freed slot waits only for the pod (the clone of a snapshot takes seconds). A
+    // CR then waits for a slot at no request but its pod's: it looks in the watch caches and the memo
+    // (bench/CLUSTER.md: every waiting CR re-exposing at each look was most of the API traffic).
+    // Exposing and the pod create objects: only for the CR as the API server has it now, never for a
+    // cache entry that may trail a completion and cleanup that already happened.
+    let (ready, checked) = match ctx.memo.get::<Ready>(&uid) {
+        Some(ready) => (ready, false),
+        None => {
+            if !is_current(ctx, cr).await? {
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            match get_ready(cr, ctx).await?.done::<()>() {
+                Ok(ready) => {
+                    ctx.memo.put(&uid, ready.clone());
+                    (ready, true)
+                }
+                Err(waiting) => return settle(ctx, cr, waiting, Action::await_change()).await,
+            }
+        }
+    };
     if !placement::any_free_cached(ctx).await? {
         return settle(
             ctx,
@@ -102,18 +130,24 @@ pub async fn prepare<K: Flow>(cr: &K, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    // Expose and the pod create objects: act only on the CR as the API server has it now, never on a
-    // cache entry that may trail a completion and cleanup that already happened.
-    if !is_current(ctx, cr).await? {
+    if !checked && !is_current(ctx, cr).await? {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    match create_pod(cr, ctx).await? {
+    match create_pod(cr, ctx, ready).await? {
         Step::Done(()) => {
+            ctx.memo.forget(&uid);
             note(ctx, cr, "mover pod created").await?;
             Ok(Action::requeue(Duration::from_millis(500)))
         }
         other => settle(ctx, cr, other, Action::await_change()).await,
     }
+}
+
+/// Exposes the volume and resolves the repository.
+async fn get_ready<K: Flow>(cr: &K, ctx: &Context) -> Result<Step<Ready>> {
+    let exposure = proceed!(cr.expose(ctx).await?);
+    let repo = proceed!(repo::repo_target(ctx, cr).await?);
+    Ok(Step::Done(Ready { exposure, repo }))
 }
 
 /// The mover pod exists: Prepared once it runs, the CR's end if it ended or cannot start.
@@ -148,10 +182,9 @@ async fn pod_started<K: Flow>(cr: &K, ctx: &Context, p: &Pod) -> Result<Action> 
     }
 }
 
-/// Exposes the volume, checks the repository and creates the mover pod on a node with a free slot.
-async fn create_pod<K: Flow>(cr: &K, ctx: &Context) -> Result<Step> {
-    let exposure = proceed!(cr.expose(ctx).await?);
-    let repo = proceed!(repo::repo_target(ctx, cr).await?);
+/// Creates the mover pod on a node with a free slot.
+async fn create_pod<K: Flow>(cr: &K, ctx: &Context, ready: Ready) -> Result<Step> {
+    let Ready { exposure, repo } = ready;
     let mover = ctx
         .config
         .mover(cr.datamover())

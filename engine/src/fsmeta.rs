@@ -80,7 +80,12 @@ pub fn apply(path: &Path, node: &Node, as_root: bool) -> Result<Vec<String>> {
 
 /// [`apply`] through an open file (`fchown`, `fsetxattr`, `fchmod`, `futimens`): no path lookups, for a
 /// file the restore has just created and written. `path` is for messages.
-pub fn apply_open(file: &std::fs::File, path: &Path, node: &Node, as_root: bool) -> Result<Vec<String>> {
+pub fn apply_open(
+    file: &std::fs::File,
+    path: &Path,
+    node: &Node,
+    as_root: bool,
+) -> Result<Vec<String>> {
     apply_to(Entry::Open(file, path), node, as_root)
 }
 

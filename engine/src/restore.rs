@@ -555,7 +555,12 @@ fn write_chunk(
 }
 
 /// Checks a written batch: every placement read back and hashed against its chunk id.
-fn verify_batch(repo: &Repository, index: &Index, batch: &Batch, progress: &Progress) -> Result<()> {
+fn verify_batch(
+    repo: &Repository,
+    index: &Index,
+    batch: &Batch,
+    progress: &Progress,
+) -> Result<()> {
     let mut places: Vec<(u32, u64, &BlobId)> = batch
         .targets
         .iter()
@@ -567,7 +572,10 @@ fn verify_batch(repo: &Repository, index: &Index, batch: &Batch, progress: &Prog
         progress.check()?;
         let path = &batch.files[f as usize].path;
         if open.as_ref().is_none_or(|o| o.0 != f) {
-            open = Some((f, std::fs::File::open(path).map_err(|e| Error::io(path, e))?));
+            open = Some((
+                f,
+                std::fs::File::open(path).map_err(|e| Error::io(path, e))?,
+            ));
         }
         let file = &open.as_ref().expect("opened above").1;
         let len = index.get(id).map(|l| l.raw_length as usize).unwrap_or(0);
@@ -633,7 +641,8 @@ async fn write_batch(
         .buffer_unordered(opts.downloads.max(1))
         .try_concat()
         .await?;
-    let (repo, index, progress, verify) = (repo.clone(), index.clone(), progress.clone(), opts.verify);
+    let (repo, index, progress, verify) =
+        (repo.clone(), index.clone(), progress.clone(), opts.verify);
     tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
         let mut warnings = warnings;
         for (path, node) in &batch.file_meta {

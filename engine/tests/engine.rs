@@ -418,7 +418,10 @@ async fn restoring_again_over_a_changed_target_replaces_what_is_there() {
     let r = restore_latest(&repo, o).await.unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     ferry_engine::fsmeta::compare_trees(src.path(), o).unwrap();
-    assert!(files_under(outside.path()).is_empty(), "restore followed a symlink");
+    assert!(
+        files_under(outside.path()).is_empty(),
+        "restore followed a symlink"
+    );
 
     std::fs::remove_file(o.join("a/read-only.txt")).unwrap();
     std::fs::create_dir(o.join("a/read-only.txt")).unwrap();
