@@ -153,7 +153,13 @@ pub async fn run(ctx: Arc<Context>) {
         let mut slots = placement::SlotWatch::default();
         move |event| {
             if let Ok(e) = event {
-                for _ in 0..slots.frees(&e) {
+                let freed = slots.frees(&e);
+                if freed > 0 {
+                    // The moment a slot is free as far as this controller can know (bench/cluster-scale
+                    // measures its own latency from here to the next mover pod created).
+                    tracing::info!(slots = freed, "mover slot freed");
+                }
+                for _ in 0..freed {
                     ctx.wake.freed(wake::Slot::Mover);
                 }
             }
