@@ -201,7 +201,9 @@ fn velero_backup_restore_incremental() {
     let image = c.var("FERRY_TEST_IMAGE").to_string();
     let t = TestNs::new(&c, "app").expect("namespace");
     let ns = t.ns.clone();
-    t.run(DEFAULT_LOGS, |t| -> Result<()> {
+    // Velero's own log too: a failure before Ferry is involved is read there.
+    let logs: Vec<&str> = DEFAULT_LOGS.iter().copied().chain(["velero"]).collect();
+    t.run(&logs, |t| -> Result<()> {
         t.apply(&app(&image))?;
         t.wait("app pods running", Duration::from_secs(180), || {
             Ok(t.jsonpath("pod/p1", "{.status.phase}") == "Running" && t.jsonpath("pod/p2", "{.status.phase}") == "Running")
