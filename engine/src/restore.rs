@@ -324,8 +324,8 @@ impl Planner<'_> {
                     .map_err(|e| Error::io(&path, e.into()))?;
             }
             NodeKind::CharDevice { rdev } | NodeKind::BlockDevice { rdev } => {
-                summary.files += 1;
                 if !self.as_root {
+                    summary.files += 1;
                     summary.warnings.push(format!(
                         "{}: device node not created (needs root)",
                         path.display()
@@ -345,9 +345,6 @@ impl Planner<'_> {
                     *rdev,
                 )
                 .map_err(|e| Error::io(&path, e.into()))?;
-                // Nothing is written to it: its metadata goes with the current batch.
-                self.batch.file_meta.push((path, node.clone()));
-                return Ok(());
             }
             NodeKind::Socket => {
                 summary.files += 1;
