@@ -44,6 +44,76 @@ fn velero(c: &Cluster, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
+/// `velero backup create <name> --include-namespaces <ns> --snapshot-move-data --data-mover <mover>` as a
+/// careful user runs it. Velero fails a backup at once (FailedValidation) when its periodic validation of
+/// the BSL last said Unavailable (seen under CI load, before Ferry is involved): wait until the BSL is
+/// Available, and when a backup still failed validation for that reason, print the BSL's message (why it
+/// was Unavailable) and create the backup again, up to three times. Returns once the backup has passed
+/// validation; with `wait`, once it has ended, with its phase.
+fn backup_create(t: &TestNs, name: &str, mover: &str, wait: bool) -> Result<String> {
+    let c = &t.cluster;
+    let phase = || c.jsonpath(VELERO_NS, &format!("backup/{name}"), "{.status.phase}");
+    for attempt in 1..=3 {
+        t.wait("BSL default Available", Duration::from_secs(120), || {
+            Ok(c.jsonpath(VELERO_NS, "bsl/default", "{.status.phase}") == "Available")
+        })?;
+        let args = [
+            "backup",
+            "create",
+            name,
+            "--include-namespaces",
+            &t.ns,
+            "--snapshot-move-data",
+            "--data-mover",
+            mover,
+        ];
+        velero(c, &args)?;
+        t.wait(
+            &format!("backup {name} validated"),
+            Duration::from_secs(60),
+            || Ok(!matches!(phase().as_str(), "" | "New")),
+        )?;
+        if phase() != "FailedValidation" {
+            break;
+        }
+        let errors = c.jsonpath(
+            VELERO_NS,
+            &format!("backup/{name}"),
+            "{.status.validationErrors}",
+        );
+        ensure!(
+            errors.contains("Unavailable") && attempt < 3,
+            "backup {name} failed validation: {errors}"
+        );
+        let why = c.jsonpath(VELERO_NS, "bsl/default", "{.status.message}");
+        eprintln!(
+            "backup {name} failed validation ({errors}); the BSL said: {why:?}; creating it again"
+        );
+        velero(c, &["backup", "delete", name, "--confirm"])?;
+        t.wait(
+            &format!("failed backup {name} gone"),
+            Duration::from_secs(120),
+            || {
+                Ok(c.kubectl_output(&["-n", VELERO_NS, "get", "backup", name])
+                    .is_err())
+            },
+        )?;
+    }
+    if wait {
+        t.wait(
+            &format!("backup {name} ended"),
+            Duration::from_secs(600),
+            || {
+                Ok(matches!(
+                    phase().as_str(),
+                    "Completed" | "PartiallyFailed" | "Failed"
+                ))
+            },
+        )?;
+    }
+    Ok(phase())
+}
+
 /// Where a backup deletion stands: the Backup, Velero's DeleteBackupRequests, Ferry's maintenance pod and its
 /// log, and what Velero and Ferry logged about the backup.
 fn deletion_state(c: &Cluster, backup: &str) -> String {
@@ -214,9 +284,9 @@ fn velero_backup_restore_incremental() {
         // 1. Backup.
         let b1 = format!("{ns}-b1");
         let start = Instant::now();
-        let out = velero(&c, &["backup", "create", &b1, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
+        let phase = backup_create(t, &b1, "ferry", true)?;
         let backup_time = start.elapsed();
-        ensure!(out.contains("Completed"), "backup not Completed:\n{out}");
+        ensure!(phase == "Completed", "backup {b1} {phase}");
         let dus = data_uploads(&c, &b1)?;
         eprintln!("scenario 1: backup {b1} in {:.1}s, DataUploads {dus:?}", backup_time.as_secs_f64());
         ensure!(dus.len() == 3, "expected 3 DataUploads: {dus:?}");
@@ -254,8 +324,8 @@ fn velero_backup_restore_incremental() {
         ))?;
         t.wait_pod_succeeded("mutate", Duration::from_secs(120))?;
         let b2 = format!("{ns}-b2");
-        let out = velero(&c, &["backup", "create", &b2, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
-        ensure!(out.contains("Completed"), "second backup not Completed:\n{out}");
+        let phase = backup_create(t, &b2, "ferry", true)?;
+        ensure!(phase == "Completed", "second backup {b2} {phase}");
         let dus2 = data_uploads(&c, &b2)?;
         let total: u64 = dus2.iter().map(|d| d.2).sum();
         let inc: u64 = dus2.iter().map(|d| d.3).sum();
@@ -323,7 +393,7 @@ fn velero_backup_restore_incremental() {
         // 5. Velero killed during a backup and restarted: its DUs end canceled (or done), nothing is left,
         // the next backup succeeds.
         let b3 = format!("{ns}-b3");
-        velero(&c, &["backup", "create", &b3, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry"])?;
+        backup_create(t, &b3, "ferry", false)?;
         let start = Instant::now();
         while data_uploads(&c, &b3)?.is_empty() {
             ensure!(start.elapsed() < Duration::from_secs(120), "b3 created no DataUpload");
@@ -345,16 +415,16 @@ fn velero_backup_restore_incremental() {
         eprintln!("scenario 5: backup b3 after the restart: {backup_phase}");
         assert_nothing_left(&c)?;
         let b4 = format!("{ns}-b4");
-        let out = velero(&c, &["backup", "create", &b4, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "ferry", "--wait"])?;
-        ensure!(out.contains("Completed"), "backup after the Velero restart not Completed:\n{out}");
+        let phase = backup_create(t, &b4, "ferry", true)?;
+        ensure!(phase == "Completed", "backup {b4} after the Velero restart {phase}");
         assert_nothing_left(&c)?;
 
         // 6. A second data path through the same controller: the Go example (examples/tar-datapath,
         // registered as the mover "tar-example"), driven by unmodified Velero over the data-path API.
         let at_b5 = contents(&manifest(t, &image, "check5")?);
         let b5 = format!("{ns}-b5");
-        let out = velero(&c, &["backup", "create", &b5, "--include-namespaces", &ns, "--snapshot-move-data", "--data-mover", "tar-example", "--wait"])?;
-        ensure!(out.contains("Completed"), "tar-example backup not Completed:\n{out}");
+        let phase = backup_create(t, &b5, "tar-example", true)?;
+        ensure!(phase == "Completed", "tar-example backup {b5} {phase}");
         let dus5 = data_uploads(&c, &b5)?;
         eprintln!("scenario 6: tar-example DataUploads {dus5:?}");
         ensure!(dus5.len() == 3 && dus5.iter().all(|d| d.1 == "Completed" && d.4 == "tar-example" && d.2 > 0), "{dus5:?}");

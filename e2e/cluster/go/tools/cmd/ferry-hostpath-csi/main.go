@@ -3,11 +3,14 @@
 // It stands in for kubernetes-csi/csi-driver-host-path + node-driver-registrar, which the Go module
 // proxy reachable here does not serve. It implements the CSI calls that the upstream external-provisioner,
 // csi-snapshotter and the kubelet use:
-//   - volumes are directories <statedir>/volumes/<id>, published into pods with a bind mount;
+//   - <statedir> is a btrfs filesystem (e2e/cluster/up: csi_storage), so that snapshots and clones are
+//     instant copy-on-write, as a storage system's are in a real cluster, and cost no mover anything;
+//   - volumes are btrfs subvolumes <statedir>/volumes/<id>, published into pods with a bind mount;
 //   - block volumes are a sparse image <statedir>/volumes/<id>/disk.img, published as a loop device
 //     bind-mounted onto the target file;
-//   - snapshots are tar archives <statedir>/snapshots/<id>.tar of the volume directory;
-//   - a volume created from a snapshot (or cloned from a volume) starts with that content;
+//   - snapshots are read-only btrfs snapshots <statedir>/snapshots/<id> of the volume's subvolume, with
+//     their metadata in <statedir>/snapshots/<id>.json;
+//   - a volume created from a snapshot (or cloned from a volume) is a writable snapshot of it;
 //   - it also serves the kubelet plugin-registration socket (what node-driver-registrar does).
 //
 // IDs derive from the CO-supplied names, which makes Create* idempotent without a state file.
@@ -72,7 +75,7 @@ func idFor(prefix, name string) string {
 }
 
 func volDir(id string) string    { return filepath.Join(*stateDir, "volumes", id) }
-func snapTar(id string) string   { return filepath.Join(*stateDir, "snapshots", id+".tar") }
+func snapDir(id string) string   { return filepath.Join(*stateDir, "snapshots", id) }
 func snapMetaF(id string) string { return filepath.Join(*stateDir, "snapshots", id+".json") }
 
 func diskImg(id string) string { return filepath.Join(volDir(id), "disk.img") }
@@ -142,6 +145,20 @@ func dirSize(p string) int64 {
 	return n
 }
 
+// removeSubvolume deletes the subvolume at p, if there is one (a plain directory left by an interrupted
+// call is removed too).
+func removeSubvolume(p string) error {
+	if !exists(p) {
+		return nil
+	}
+	if err := run("btrfs", "subvolume", "delete", p); err != nil {
+		if e := os.RemoveAll(p); e != nil {
+			return fmt.Errorf("%v; %v", err, e)
+		}
+	}
+	return nil
+}
+
 func run(name string, args ...string) error {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
@@ -203,28 +220,33 @@ func (d *driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	src := req.GetVolumeContentSource()
 	if !exists(dir) {
 		tmp := dir + ".tmp"
-		_ = os.RemoveAll(tmp)
-		if err := os.MkdirAll(tmp, 0o777); err != nil {
+		if err := removeSubvolume(tmp); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}
-		_ = os.Chmod(tmp, 0o777)
+		if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		var err error
 		switch {
 		case src.GetSnapshot() != nil:
 			sid := src.GetSnapshot().GetSnapshotId()
-			if !exists(snapTar(sid)) {
+			if !exists(snapDir(sid)) {
 				return nil, status.Errorf(codes.NotFound, "snapshot %s not found", sid)
 			}
-			if err := run("tar", "-xf", snapTar(sid), "-C", tmp); err != nil {
-				return nil, status.Error(codes.Internal, err.Error())
-			}
+			err = run("btrfs", "subvolume", "snapshot", snapDir(sid), tmp)
 		case src.GetVolume() != nil:
 			vid := src.GetVolume().GetVolumeId()
 			if !exists(volDir(vid)) {
 				return nil, status.Errorf(codes.NotFound, "volume %s not found", vid)
 			}
-			if err := run("cp", "-a", volDir(vid)+"/.", tmp+"/"); err != nil {
-				return nil, status.Error(codes.Internal, err.Error())
+			err = run("btrfs", "subvolume", "snapshot", volDir(vid), tmp)
+		default:
+			if err = run("btrfs", "subvolume", "create", tmp); err == nil {
+				err = os.Chmod(tmp, 0o777)
 			}
+		}
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
 		}
 		if wantsBlock(req.GetVolumeCapabilities()) {
 			// A block volume is one sparse image file; from a snapshot it keeps the snapshot's bytes.
@@ -260,7 +282,7 @@ func (d *driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (
 	if exists(diskImg(id)) {
 		detachUnused(diskImg(id))
 	}
-	if err := os.RemoveAll(volDir(id)); err != nil {
+	if err := removeSubvolume(volDir(id)); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	log.Printf("DeleteVolume %s", id)
@@ -309,13 +331,14 @@ func (d *driver) CreateSnapshot(_ context.Context, req *csi.CreateSnapshotReques
 	if !exists(src) {
 		return nil, status.Errorf(codes.NotFound, "volume %s not found", req.GetSourceVolumeId())
 	}
-	if err := os.MkdirAll(filepath.Dir(snapTar(id)), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(snapDir(id)), 0o700); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	if err := run("tar", "--sparse", "-cf", snapTar(id)+".tmp", "-C", src, "."); err != nil {
+	// The metadata file is written last: a snapshot without it is an interrupted call, made again here.
+	if err := removeSubvolume(snapDir(id)); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	if err := os.Rename(snapTar(id)+".tmp", snapTar(id)); err != nil {
+	if err := run("btrfs", "subvolume", "snapshot", "-r", src, snapDir(id)); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	m := &snapMeta{ID: id, Name: req.GetName(), Source: req.GetSourceVolumeId(), Size: dirSize(src), CreatedNs: time.Now().UnixNano()}
@@ -334,8 +357,13 @@ func (d *driver) DeleteSnapshot(_ context.Context, req *csi.DeleteSnapshotReques
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	_ = os.Remove(snapTar(id))
-	_ = os.Remove(snapMetaF(id))
+	// Metadata first: a snapshot whose deletion is interrupted is no longer listed, and a retry finishes it.
+	if err := os.Remove(snapMetaF(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if err := removeSubvolume(snapDir(id)); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	log.Printf("DeleteSnapshot %s", id)
 	return &csi.DeleteSnapshotResponse{}, nil
 }
