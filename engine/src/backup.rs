@@ -38,6 +38,7 @@ use crate::id::{BlobId, SnapshotId};
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
 use crate::lease::{Lease, LeaseKind};
 use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
+use crate::pagecache::DropBehind;
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
 use crate::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
@@ -68,12 +69,16 @@ pub struct BackupOptions {
     pub tags: BTreeMap<String, String>,
     /// Host name to record (defaults to this machine's).
     pub hostname: Option<String>,
-    /// Threads that read and chunk files.
+    /// Threads that read and chunk files (several files at once: a cold read of many small files waits on
+    /// the storage's latency more than on the CPU).
     pub readers: usize,
     /// Threads that compress and encrypt.
     pub workers: usize,
     /// Concurrent pack uploads.
     pub uploads: usize,
+    /// Drop what was read from the page cache (`crate::pagecache`): for a source read once that nobody
+    /// else uses, such as a snapshot's clone in a memory-limited pod.
+    pub drop_cache: bool,
 }
 
 impl BackupOptions {
@@ -88,11 +93,18 @@ impl BackupOptions {
             parent: ParentSpec::Auto,
             tags: BTreeMap::new(),
             hostname: None,
-            readers: 2,
+            readers: default_readers(cpus),
             workers: cpus,
             uploads: 2,
+            drop_cache: false,
         }
     }
+}
+
+/// Reader threads for `cpus` cores: 4 per core, between 4 and 16. Files are read whole by one reader, so
+/// only several readers keep several reads in flight; each holds a 3 MiB chunking buffer.
+fn default_readers(cpus: usize) -> usize {
+    (cpus * 4).clamp(4, 16)
 }
 
 /// A blob on its way to a pack.
@@ -121,6 +133,8 @@ struct Shared {
     stop: std::sync::atomic::AtomicBool,
     /// Id of the all-zero chunk of the chunker's largest size (how long zero runs come), hashed once.
     zero_max: std::sync::OnceLock<BlobId>,
+    /// `BackupOptions::drop_cache`.
+    drop_cache: bool,
 }
 
 impl Shared {
@@ -177,6 +191,20 @@ impl Shared {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
+        if self.drop_cache {
+            self.chunk_file(path, DropBehind::new(f), tx)
+        } else {
+            self.chunk_file(path, f, tx)
+        }
+    }
+
+    /// Chunks and stores what `r` reads (the content of `path`).
+    fn chunk_file(
+        &self,
+        path: &Path,
+        r: impl std::io::Read,
+        tx: &cb::Sender<NewBlob>,
+    ) -> Result<Vec<BlobId>> {
         thread_local! {
             /// Each reader thread's chunking buffer, reused across files.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -185,7 +213,7 @@ impl Shared {
         let mut buf = BUF.with_borrow_mut(std::mem::take);
         let r = self.chunker.chunk_stream_in(
             &mut buf,
-            f,
+            r,
             |chunk| {
                 self.progress.check()?;
                 if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -503,6 +531,7 @@ async fn run(
         read_bytes: Default::default(),
         stop: Default::default(),
         zero_max: Default::default(),
+        drop_cache: opts.drop_cache,
     });
     let pack_size = repo.config().pack_size as usize;
     let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);

@@ -32,6 +32,7 @@ pub mod index;
 pub mod lease;
 pub mod open;
 pub mod pack;
+pub mod pagecache;
 pub mod progress;
 pub mod prune;
 pub mod repo;

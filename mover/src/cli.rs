@@ -128,6 +128,13 @@ enum Command {
         /// Concurrent pack uploads (default: 2 for a local repository, 4 for S3).
         #[arg(long)]
         uploads: Option<usize>,
+        /// Files read at once (default: 4 per core, 4 to 16).
+        #[arg(long)]
+        readers: Option<usize>,
+        /// Drop what was read from the page cache as the backup goes: for a snapshot or an unmounted copy
+        /// that nothing else reads (it drops other readers' cached pages of the same files too).
+        #[arg(long)]
+        drop_cache: bool,
     },
     /// Restore a snapshot (`latest` or an id) into TARGET.
     Restore {
@@ -397,6 +404,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             block_device,
             host,
             uploads,
+            readers,
+            drop_cache,
         } => {
             let progress = Arc::new(Progress::default());
             ferry_engine::backup::start_scan(&path, block_device, &progress);
@@ -411,6 +420,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.tags = tags.into_iter().collect::<BTreeMap<_, _>>();
             opts.hostname = host;
             opts.uploads = uploads.unwrap_or(if ctx.target.is_remote()? { 4 } else { 2 });
+            opts.readers = readers.unwrap_or(opts.readers);
+            opts.drop_cache = drop_cache;
             let r = backup(&ctx, repo, opts, progress).await?;
             if ctx.global.json {
                 println!("{}", serde_json::to_string(&r)?);

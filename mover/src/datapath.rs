@@ -465,6 +465,8 @@ async fn backup(
     }
     opts.hostname = (!src.node.is_empty()).then(|| src.node.clone());
     opts.uploads = 4;
+    // The mover pod reads a snapshot's clone once; its page cache would only fill the pod's memory limit.
+    opts.drop_cache = true;
     opts.parent = if !r.parent_snapshot_id.is_empty() {
         ParentSpec::Snapshot(r.parent_snapshot_id.clone())
     } else if src.pvc.is_empty() {
