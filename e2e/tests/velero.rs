@@ -44,6 +44,11 @@ fn velero(c: &Cluster, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
+/// Whether Velero's last validation of the BSL `default` found it Available.
+fn bsl_available(c: &Cluster) -> bool {
+    c.jsonpath(VELERO_NS, "bsl/default", "{.status.phase}") == "Available"
+}
+
 /// `velero backup create <name> --include-namespaces <ns> --snapshot-move-data --data-mover <mover>` as a
 /// careful user runs it. Velero fails a backup at once (FailedValidation) when its periodic validation of
 /// the BSL last said Unavailable (seen under CI load, before Ferry is involved): wait until the BSL is
@@ -55,7 +60,7 @@ fn backup_create(t: &TestNs, name: &str, mover: &str, wait: bool) -> Result<Stri
     let phase = || c.jsonpath(VELERO_NS, &format!("backup/{name}"), "{.status.phase}");
     for attempt in 1..=3 {
         t.wait("BSL default Available", Duration::from_secs(120), || {
-            Ok(c.jsonpath(VELERO_NS, "bsl/default", "{.status.phase}") == "Available")
+            Ok(bsl_available(c))
         })?;
         let args = [
             "backup",
@@ -363,7 +368,7 @@ fn velero_backup_restore_incremental() {
             let refused = c
                 .jsonpath(VELERO_NS, "deletebackuprequests", "{.items[*].status.errors}")
                 .contains("Unavailable state");
-            if refused && c.jsonpath(VELERO_NS, "bsl/default", "{.status.phase}") == "Available" {
+            if refused && bsl_available(&c) {
                 eprintln!("scenario 4: Velero refused the deletion while its BSL was Unavailable; asking again");
                 c.kubectl_output(&["-n", VELERO_NS, "delete", "deletebackuprequests", "-l", &format!("velero.io/backup-name={b1}")])?;
                 velero(&c, &["backup", "delete", &b1, "--confirm"])?;
