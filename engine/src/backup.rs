@@ -10,6 +10,12 @@
 //!                                               └─► index segment every 64 packs and at the end
 //! ```
 //!
+//! A file larger than [`BackupOptions::segment`] (a large file, a block device) is read as segments at fixed
+//! offsets, each a job of its own, so several readers (and both cores' chunking and hashing) work on it at
+//! once. Every segment is chunked on its own: a chunk boundary falls at each segment start. The offsets do not
+//! move between backups, so an unchanged segment gives the same chunks again, and an insertion costs at most
+//! one extra chunk per later segment (`design/0001-repository-format.md`, "Chunking").
+//!
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
 //! interrupted backup leaves only unreferenced packs, never a dangling reference.
 //! A file whose type, size and mtime match its entry in the parent snapshot is not read again.
@@ -20,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -79,6 +85,8 @@ pub struct BackupOptions {
     /// Drop what was read from the page cache (`crate::pagecache`): for a source read once that nobody
     /// else uses, such as a snapshot's clone in a memory-limited pod.
     pub drop_cache: bool,
+    /// Files larger than this are read as segments of this many bytes, several at once (the module's doc).
+    pub segment: u64,
 }
 
 impl BackupOptions {
@@ -97,12 +105,17 @@ impl BackupOptions {
             workers: cpus,
             uploads: 2,
             drop_cache: false,
+            segment: SEGMENT,
         }
     }
 }
 
-/// Reader threads for `cpus` cores: 4 per core, between 4 and 16. Files are read whole by one reader, so
-/// only several readers keep several reads in flight; each holds a 3 MiB chunking buffer.
+/// Default [`BackupOptions::segment`]: 64 MiB, about 128 chunks of the default average size, so the boundary
+/// forced at each segment start costs little dedup, and a 4 GiB file gives 64 jobs for the readers.
+pub const SEGMENT: u64 = 64 << 20;
+
+/// Reader threads for `cpus` cores: 4 per core, between 4 and 16. A file (or segment) is read by one reader,
+/// so only several readers keep several reads in flight; each holds a 3 MiB chunking buffer.
 fn default_readers(cpus: usize) -> usize {
     (cpus * 4).clamp(4, 16)
 }
@@ -114,10 +127,57 @@ struct NewBlob {
     data: Bytes,
 }
 
-/// A file to read.
+/// A file, or one segment of it, to read.
 struct FileJob {
     path: PathBuf,
+    part: Part,
     reply: cb::Sender<Result<Vec<BlobId>>>,
+}
+
+/// Which bytes of a file a job reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    offset: u64,
+    /// `None`: to the end of the file (the file's last part).
+    len: Option<u64>,
+}
+
+/// The parts of a file of `size` bytes: the whole file, or segments of `segment` bytes at fixed offsets with
+/// the last one reading to the end (the file may have grown since it was measured).
+fn parts(size: u64, segment: u64) -> Vec<Part> {
+    let n = if segment == 0 {
+        1
+    } else {
+        size.div_ceil(segment).max(1)
+    };
+    (0..n)
+        .map(|k| Part {
+            offset: k * segment,
+            len: (k + 1 < n).then_some(segment),
+        })
+        .collect()
+}
+
+/// A file's content as it becomes known: the parent's, or the replies of its parts' jobs, in order.
+enum Content {
+    Known(Vec<BlobId>),
+    Reading(Vec<cb::Receiver<Result<Vec<BlobId>>>>),
+}
+
+impl Content {
+    /// Waits for every part and joins their chunks.
+    fn wait(self) -> Result<Vec<BlobId>> {
+        match self {
+            Content::Known(ids) => Ok(ids),
+            Content::Reading(parts) => {
+                let mut ids = Vec::new();
+                for rx in parts {
+                    ids.extend(rx.recv().map_err(|_| pipeline_stopped())??);
+                }
+                Ok(ids)
+            }
+        }
+    }
 }
 
 /// State shared by the pipeline's threads.
@@ -135,6 +195,8 @@ struct Shared {
     zero_max: std::sync::OnceLock<BlobId>,
     /// `BackupOptions::drop_cache`.
     drop_cache: bool,
+    /// `BackupOptions::segment`.
+    segment: u64,
 }
 
 impl Shared {
@@ -184,17 +246,22 @@ impl Shared {
         Ok(id)
     }
 
-    /// Reads, chunks and stores one file.
-    fn read_file(&self, path: &Path, tx: &cb::Sender<NewBlob>) -> Result<Vec<BlobId>> {
-        let f = std::fs::OpenOptions::new()
+    /// Reads, chunks and stores one file, or one part of it.
+    fn read_file(&self, path: &Path, part: Part, tx: &cb::Sender<NewBlob>) -> Result<Vec<BlobId>> {
+        let mut f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
+        if part.offset > 0 {
+            f.seek(SeekFrom::Start(part.offset))
+                .map_err(|e| Error::io(path, e))?;
+        }
+        let len = part.len.unwrap_or(u64::MAX);
         if self.drop_cache {
-            self.chunk_file(path, DropBehind::new(f), tx)
+            self.chunk_file(path, DropBehind::new(f).take(len), tx)
         } else {
-            self.chunk_file(path, f, tx)
+            self.chunk_file(path, f.take(len), tx)
         }
     }
 
@@ -284,7 +351,7 @@ impl Walker<'_> {
         path: PathBuf,
         node: &Node,
         parent: Option<&Node>,
-    ) -> Result<cb::Receiver<Result<Vec<BlobId>>>> {
+    ) -> Result<Content> {
         self.stats.bytes += node.size;
         if let Some(p) = parent
             && same_file(p, node)
@@ -293,13 +360,18 @@ impl Walker<'_> {
         {
             Progress::add(&self.shared.progress.bytes_done, node.size);
             Progress::add(&self.shared.progress.files_done, 1);
-            return Ok(ready(content.clone()));
+            return Ok(Content::Known(content.clone()));
         }
-        let (reply, rx) = cb::bounded(1);
-        self.jobs
-            .send(FileJob { path, reply })
-            .map_err(|_| pipeline_stopped())?;
-        Ok(rx)
+        let mut replies = Vec::new();
+        for part in parts(node.size, self.shared.segment) {
+            let (reply, rx) = cb::bounded(1);
+            let path = path.clone();
+            self.jobs
+                .send(FileJob { path, part, reply })
+                .map_err(|_| pipeline_stopped())?;
+            replies.push(rx);
+        }
+        Ok(Content::Reading(replies))
     }
 
     fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId> {
@@ -342,9 +414,10 @@ impl Walker<'_> {
             let id = self.walk_dir(&path, ptree.as_ref())?;
             nodes[i].kind = NodeKind::Dir { subtree: id };
         }
-        for (i, rx) in pending {
-            let content = rx.recv().map_err(|_| pipeline_stopped())??;
-            nodes[i].kind = NodeKind::File { content };
+        for (i, content) in pending {
+            nodes[i].kind = NodeKind::File {
+                content: content.wait()?,
+            };
         }
         let tree = Tree::new(nodes).to_bytes()?;
         self.shared
@@ -383,21 +456,15 @@ impl Walker<'_> {
             } else {
                 parent.and_then(|t| t.find(&node.name))
             };
-            let rx = self.file_content(path.to_path_buf(), &node, pnode)?;
+            let content = self.file_content(path.to_path_buf(), &node, pnode)?;
             node.kind = NodeKind::File {
-                content: rx.recv().map_err(|_| pipeline_stopped())??,
+                content: content.wait()?,
             };
         }
         let tree = Tree::new(vec![node]).to_bytes()?;
         self.shared
             .store(&self.blobs, BlobKind::Tree, Bytes::from(tree))
     }
-}
-
-fn ready(content: Vec<BlobId>) -> cb::Receiver<Result<Vec<BlobId>>> {
-    let (tx, rx) = cb::bounded(1);
-    let _ = tx.send(Ok(content));
-    rx
 }
 
 /// Sums sizes ahead of the backup so progress has totals.
@@ -532,6 +599,7 @@ async fn run(
         stop: Default::default(),
         zero_max: Default::default(),
         drop_cache: opts.drop_cache,
+        segment: opts.segment,
     });
     let pack_size = repo.config().pack_size as usize;
     let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
@@ -592,8 +660,8 @@ async fn run(
                         let (rx, tx, shared) = (job_rx.clone(), blob_tx.clone(), shared.clone());
                         std::thread::spawn(move || {
                             for job in rx {
-                                let r = shared.read_file(&job.path, &tx);
-                                if r.is_ok() {
+                                let r = shared.read_file(&job.path, job.part, &tx);
+                                if r.is_ok() && job.part.len.is_none() {
                                     Progress::add(&shared.progress.files_done, 1);
                                 }
                                 let _ = job.reply.send(r);
@@ -741,4 +809,30 @@ async fn run(
     let id = repo.write_snapshot(&snapshot).await?;
     progress.set_phase(Phase::Done);
     Ok(BackupOutcome { id, snapshot })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(offset: u64, len: Option<u64>) -> Part {
+        Part { offset, len }
+    }
+
+    #[test]
+    fn a_file_splits_into_segments_at_fixed_offsets_with_the_last_to_the_end() {
+        assert_eq!(parts(0, 64), vec![part(0, None)]);
+        assert_eq!(parts(64, 64), vec![part(0, None)]);
+        assert_eq!(parts(65, 64), vec![part(0, Some(64)), part(64, None)]);
+        assert_eq!(
+            parts(200, 64),
+            vec![
+                part(0, Some(64)),
+                part(64, Some(64)),
+                part(128, Some(64)),
+                part(192, None)
+            ]
+        );
+        assert_eq!(parts(1 << 40, 0), vec![part(0, None)], "0: never split");
+    }
 }

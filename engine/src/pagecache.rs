@@ -8,11 +8,16 @@
 //! file under a 1 GiB memory limit peaked at 116 MiB of charged memory instead of the whole 1 GiB, in the same
 //! time (37–38 s either way).
 //!
+//! A restore has the same problem with the pages it writes: [`WriteBehind`] drops them once they are on disk.
+//!
 //! Not for a live filesystem others use: it drops their cached pages too. The command line only does it when
-//! asked (`ferry backup --drop-cache`); the data path in a mover pod always does.
+//! asked (`ferry backup --drop-cache`, `ferry restore --drop-cache`); the data path in a mover pod always
+//! does.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
+use std::sync::Mutex;
 
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 
@@ -22,31 +27,100 @@ const STEP: u64 = 8 << 20;
 /// A [`Read`] over a file that drops the pages it has read from the page cache.
 pub struct DropBehind {
     file: File,
+    /// Where reading started: only pages from here on are dropped (another reader may be reading the
+    /// file's earlier part).
+    start: u64,
     /// Bytes read so far.
     read: u64,
-    /// Bytes from the start already dropped.
+    /// Bytes from `start` already dropped.
     dropped: u64,
+    /// A read returned 0: the file ended.
+    eof: bool,
 }
 
 impl DropBehind {
-    /// Reads `file` from its current position (the start).
-    pub fn new(file: File) -> Self {
+    /// Reads `file` from its current position.
+    pub fn new(mut file: File) -> Self {
         DropBehind {
+            start: file.stream_position().unwrap_or(0),
             file,
             read: 0,
             dropped: 0,
+            eof: false,
         }
     }
 
-    /// Advises the kernel to drop `len` bytes at `offset` (0 = to the end). Advice only: an error changes
-    /// nothing the backup depends on, so it is ignored.
     fn drop_range(&self, offset: u64, len: u64) {
-        let _ = posix_fadvise(
-            &self.file,
-            offset as libc::off_t,
-            len as libc::off_t,
-            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        dont_need(&self.file, offset, len);
+    }
+}
+
+/// Advises the kernel to drop `len` bytes of `file` at `offset` (0 = to the end) from the page cache; dirty
+/// pages are not dropped, their write-back is started. Advice only: an error changes nothing the caller
+/// depends on, so it is ignored.
+fn dont_need(file: &File, offset: u64, len: u64) {
+    let _ = posix_fadvise(
+        file,
+        offset as libc::off_t,
+        len as libc::off_t,
+        PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
+/// Written bytes whose pages a [`WriteBehind`] lets stay cached before advising them away again.
+const WRITE_LAG: u64 = 64 << 20;
+/// Written ranges a [`WriteBehind`] remembers at most (each holds a file descriptor).
+const WRITE_RANGES: usize = 1024;
+
+/// Drops written pages from the page cache once they are on disk, for a restore into a volume nobody uses
+/// yet. A dirty page cannot be dropped (the advice only starts its write-back), so each written range is
+/// advised twice: when written, which starts its write-back at once instead of up to 30 s later, and again
+/// after [`WRITE_LAG`] more bytes were written, when its write-back has most likely finished and the advice
+/// drops it. Shared by a restore's writer threads.
+#[derive(Default)]
+pub struct WriteBehind {
+    ranges: Mutex<Ranges>,
+}
+
+#[derive(Default)]
+struct Ranges {
+    queue: VecDeque<(File, u64, u64)>,
+    bytes: u64,
+}
+
+impl WriteBehind {
+    /// Notes that `len` bytes were just written to `file` at `offset`.
+    pub fn wrote(&self, file: &File, offset: u64, len: u64) {
+        dont_need(file, offset, len);
+        let Ok(file) = file.try_clone() else {
+            return; // out of descriptors: this range just stays cached
+        };
+        let due = {
+            let mut r = self.ranges.lock().expect("write-behind lock");
+            r.queue.push_back((file, offset, len));
+            r.bytes += len;
+            let mut due = Vec::new();
+            while r.bytes > WRITE_LAG || r.queue.len() > WRITE_RANGES {
+                let Some(old) = r.queue.pop_front() else {
+                    break;
+                };
+                r.bytes -= old.2;
+                due.push(old);
+            }
+            due
+        };
+        for (f, offset, len) in due {
+            dont_need(&f, offset, len);
+        }
+    }
+
+    /// Advises every range still remembered, and forgets them: after the writer flushed its files, this
+    /// drops the rest of their pages.
+    pub fn finish(&self) {
+        let queue = std::mem::take(&mut *self.ranges.lock().expect("write-behind lock")).queue;
+        for (f, offset, len) in queue {
+            dont_need(&f, offset, len);
+        }
     }
 }
 
@@ -54,8 +128,9 @@ impl Read for DropBehind {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.file.read(buf)?;
         self.read += n as u64;
+        self.eof |= n == 0 && !buf.is_empty();
         if self.read - self.dropped >= STEP {
-            self.drop_range(self.dropped, self.read - self.dropped);
+            self.drop_range(self.start + self.dropped, self.read - self.dropped);
             self.dropped = self.read;
         }
         Ok(n)
@@ -64,8 +139,12 @@ impl Read for DropBehind {
 
 impl Drop for DropBehind {
     fn drop(&mut self) {
-        if self.read > 0 {
-            self.drop_range(0, 0);
+        // At the end of the file, to the end (the kernel keeps a partly covered last page otherwise); else
+        // exactly what was read, leaving the next segment's pages to its own reader.
+        match (self.read > self.dropped, self.eof) {
+            (true, true) => self.drop_range(self.start + self.dropped, 0),
+            (true, false) => self.drop_range(self.start + self.dropped, self.read - self.dropped),
+            (false, _) => {}
         }
     }
 }
@@ -124,5 +203,77 @@ mod tests {
             "dropped while reading: {during} of {cached} bytes left"
         );
         assert_eq!(after, 0, "nothing left once the reader is dropped");
+    }
+
+    #[test]
+    fn pages_written_through_write_behind_leave_the_page_cache() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let path = dir.path().join("f");
+        let (chunk, n) = (1usize << 20, 96u64);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("create");
+        let behind = WriteBehind::default();
+        for k in 0..n {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![k as u8; chunk], k * chunk as u64)
+                .expect("write");
+            behind.wrote(&f, k * chunk as u64, chunk as u64);
+            if k == 31 {
+                // The first 32 MiB on disk, as their early write-back would have them by the time they are
+                // advised again (a test cannot wait on the disk's timing).
+                f.sync_data().expect("sync");
+            }
+        }
+        let during = resident(&path);
+        f.sync_all().expect("sync");
+        behind.finish();
+        let after = resident(&path);
+        let len = n * chunk as u64;
+        assert!(
+            during <= len - (32 << 20),
+            "ranges written a lag ago and on disk are dropped while writing: {during} of {len} bytes cached"
+        );
+        assert_eq!(after, 0, "nothing left once flushed and finished");
+        let mut back = Vec::new();
+        File::open(&path)
+            .expect("open")
+            .read_to_end(&mut back)
+            .expect("read");
+        assert!(
+            back.chunks(chunk)
+                .enumerate()
+                .all(|(k, c)| c.iter().all(|&b| b == k as u8))
+        );
+    }
+
+    #[test]
+    fn a_segment_read_through_drop_behind_drops_only_its_own_pages() {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let path = dir.path().join("f");
+        let (len, offset, seg) = (24u64 << 20, 8u64 << 20, 10u64 << 20);
+        std::fs::write(&path, vec![7u8; len as usize]).expect("write");
+        let mut f = File::open(&path).expect("open");
+        f.sync_all().expect("sync");
+        std::io::copy(&mut f, &mut std::io::sink()).expect("read");
+        let cached = resident(&path);
+        assert_eq!(cached, len, "a plain read leaves the whole file cached");
+
+        // One segment of the file, as a backup's reader reads a part of a large file.
+        f.seek(std::io::SeekFrom::Start(offset)).expect("seek");
+        let mut r = DropBehind::new(f).take(seg);
+        assert_eq!(
+            std::io::copy(&mut r, &mut std::io::sink()).expect("read"),
+            seg
+        );
+        drop(r);
+        assert_eq!(
+            resident(&path),
+            len - seg,
+            "the segment's pages are dropped, the other readers' pages are kept"
+        );
     }
 }

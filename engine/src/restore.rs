@@ -9,10 +9,16 @@
 //! 2. Per batch: group the chunks by pack, merge nearby ones into ranged reads, fetch in parallel, decrypt
 //!    and verify every chunk against its id, write it at its offsets (all-zero chunks are skipped with
 //!    `--sparse`); then the metadata of the files whose last chunk was in the batch.
+//!    With [`RestoreOptions::drop_cache`], the pages written to files of several chunks and to devices leave
+//!    the page cache once on disk (`crate::pagecache::WriteBehind`).
 //!    A file of one chunk (most files of a tree of many small files) is created when its chunk arrives,
 //!    written, and given its metadata through the open descriptor: one open and no path lookup after it.
 //! 3. Hard links, then directories' metadata, deepest first (so writing children does not disturb a
 //!    directory's mtime).
+//! 4. Everything written is made durable before the restore reports success: `syncfs` on the target's
+//!    filesystem (one call, not an fsync per file), or `fsync` of a block target. A DataDownload is
+//!    Completed when its mover exits, and Velero then hands the volume to the workload: data still in the
+//!    node's page cache would be lost if the node went down first, and a failed write-back would go unseen.
 //!
 //! Safety: names come from validated trees (single components, no duplicates), every directory entered is
 //! one this restore created or found as a real directory (never a symlink), and files are opened with
@@ -32,6 +38,7 @@ use crate::fsmeta;
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::Index;
 use crate::pack::{self, BlobKind};
+use crate::pagecache::WriteBehind;
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
 use crate::snapshot::{Snapshot, SourceKind};
@@ -50,6 +57,10 @@ pub struct RestoreOptions {
     pub downloads: usize,
     /// The most chunk placements one batch of the plan holds (memory bound; see the module doc).
     pub batch_placements: usize,
+    /// Drop the pages of large files and devices from the page cache once written
+    /// (`crate::pagecache::WriteBehind`): for a target nobody else uses yet, such as a new volume in a
+    /// memory-limited pod.
+    pub drop_cache: bool,
 }
 
 impl RestoreOptions {
@@ -61,6 +72,7 @@ impl RestoreOptions {
             verify: false,
             downloads: 4,
             batch_placements: BATCH_PLACEMENTS,
+            drop_cache: false,
         }
     }
 }
@@ -512,15 +524,22 @@ async fn fetch(repo: &Repository, r: Range) -> Result<Vec<(Range, Bytes)>> {
     )))
 }
 
+/// How step 2 writes every chunk of a restore.
+struct Writer {
+    sparse: bool,
+    as_root: bool,
+    behind: Option<WriteBehind>,
+}
+
 /// Writes one decoded chunk at each of its places in the batch. Returns warnings of metadata applied to
 /// files created on arrival.
 fn write_chunk(
     batch: &Batch,
     targets: &[(u32, u64)],
     data: &[u8],
-    sparse: bool,
-    as_root: bool,
+    how: &Writer,
 ) -> Result<Vec<String>> {
+    let (sparse, as_root) = (how.sparse, how.as_root);
     let zero = sparse && data.iter().all(|&b| b == 0);
     let mut warnings = Vec::new();
     for &(f, off) in targets {
@@ -545,6 +564,9 @@ fn write_chunk(
                     .open(&pf.path)
                     .map_err(io)?;
                 file.write_all_at(data, off).map_err(io)?;
+                if let Some(b) = &how.behind {
+                    b.wrote(&file, off, data.len() as u64);
+                }
             }
         }
     }
@@ -597,21 +619,30 @@ async fn write_batch(
     batch: Batch,
     opts: &RestoreOptions,
     progress: &Arc<Progress>,
-    as_root: bool,
+    writer: &Arc<Writer>,
 ) -> Result<Vec<String>> {
     let batch = Arc::new(batch);
     let ranges = plan_ranges(index, batch.targets.keys().copied())?;
     let warnings = stream::iter(ranges)
         .map(|r| {
-            let (repo, batch, progress, sparse) =
-                (repo.clone(), batch.clone(), progress.clone(), opts.sparse);
+            let (repo, batch, progress, writer) = (
+                repo.clone(),
+                batch.clone(),
+                progress.clone(),
+                writer.clone(),
+            );
             async move {
                 progress.check()?;
                 let fetched = fetch(&repo, r).await?;
                 let mut warnings = Vec::new();
                 for (r, bytes) in fetched {
                     Progress::add(&progress.bytes_transferred, r.len);
-                    let (repo, batch, progress) = (repo.clone(), batch.clone(), progress.clone());
+                    let (repo, batch, progress, writer) = (
+                        repo.clone(),
+                        batch.clone(),
+                        progress.clone(),
+                        writer.clone(),
+                    );
                     let w = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
                         let mut warnings = Vec::new();
                         for (id, off, len, raw) in &r.blobs {
@@ -623,7 +654,7 @@ async fn write_batch(
                                 &bytes[s..s + *len as usize],
                             )?;
                             let targets = &batch.targets[id];
-                            warnings.extend(write_chunk(&batch, targets, &data, sparse, as_root)?);
+                            warnings.extend(write_chunk(&batch, targets, &data, &writer)?);
                             Progress::add(&progress.bytes_done, *raw as u64 * targets.len() as u64);
                         }
                         Ok(warnings)
@@ -638,8 +669,13 @@ async fn write_batch(
         .buffer_unordered(opts.downloads.max(1))
         .try_concat()
         .await?;
-    let (repo, index, progress, verify) =
-        (repo.clone(), index.clone(), progress.clone(), opts.verify);
+    let (repo, index, progress, verify, as_root) = (
+        repo.clone(),
+        index.clone(),
+        progress.clone(),
+        opts.verify,
+        writer.as_root,
+    );
     tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
         let mut warnings = warnings;
         for (path, node) in &batch.file_meta {
@@ -652,6 +688,17 @@ async fn write_batch(
     })
     .await
     .map_err(|e| Error::Invalid(format!("restore metadata: {e}")))?
+}
+
+/// Step 4: flushes what the restore wrote to stable storage, and reports a failed write-back.
+fn sync_target(target: &Path) -> Result<()> {
+    let f = std::fs::File::open(target).map_err(|e| Error::io(target, e))?;
+    let is_dir = f.metadata().map_err(|e| Error::io(target, e))?.is_dir();
+    if is_dir {
+        nix::unistd::syncfs(&f).map_err(|e| Error::io(target, e.into()))
+    } else {
+        f.sync_all().map_err(|e| Error::io(target, e))
+    }
 }
 
 /// Restores `snap` according to `opts`.
@@ -701,9 +748,14 @@ pub async fn restore(
     };
 
     // 2. Content, batch by batch.
+    let writer = Arc::new(Writer {
+        sparse: opts.sparse,
+        as_root,
+        behind: opts.drop_cache.then(WriteBehind::default),
+    });
     let mut warnings = Vec::new();
     while let Some(batch) = rx.recv().await {
-        match write_batch(&repo, &index, batch, opts, &progress, as_root).await {
+        match write_batch(&repo, &index, batch, opts, &progress, &writer).await {
             Ok(w) => warnings.extend(w),
             Err(e) => {
                 drop(rx); // the planner stops at its next batch
@@ -718,7 +770,7 @@ pub async fn restore(
 
     // 3. Links and directories' metadata.
     progress.set_phase(Phase::Finishing);
-    let p = progress.clone();
+    let (p, target) = (progress.clone(), opts.target.clone());
     let summary = tokio::task::spawn_blocking(move || -> Result<RestoreSummary> {
         let mut summary = finish.summary;
         summary.warnings.append(&mut warnings);
@@ -731,6 +783,10 @@ pub async fn restore(
             summary.warnings.extend(fsmeta::apply(path, node, as_root)?);
         }
         Progress::add(&p.files_done, summary.files);
+        sync_target(&target)?;
+        if let Some(b) = &writer.behind {
+            b.finish(); // all on disk now: this drops the rest
+        }
         Ok(summary)
     })
     .await

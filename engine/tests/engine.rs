@@ -503,6 +503,98 @@ async fn block_device_images_round_trip_and_restore_sparse() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
 }
 
+/// The chunk ids of file `name` in the root tree of `snap`.
+async fn content_of(
+    repo: &Repository,
+    snap: &Snapshot,
+    name: &[u8],
+) -> Vec<ferry_engine::id::BlobId> {
+    match &repo
+        .read_tree(&snap.tree)
+        .await
+        .unwrap()
+        .find(name)
+        .unwrap()
+        .kind
+    {
+        NodeKind::File { content } => content.clone(),
+        other => panic!("{other:?} is not a file"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_is_read_in_segments_that_chunk_like_files_of_their_own() {
+    let (src, parts_dir, repo_dir, out) = (tempdir(), tempdir(), tempdir(), tempdir());
+    let (seg, len) = (4usize << 20, 10usize << 20);
+    let mut data = pseudo_random(len, 21);
+    data[5 << 20..6 << 20].fill(0); // a zero run inside a segment
+    std::fs::write(src.path().join("big"), &data).unwrap();
+    let repo = new_repo(local(repo_dir.path())).await;
+
+    let mut o = BackupOptions::new(src.path());
+    o.segment = seg as u64;
+    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(b.snapshot.summary.read_bytes, len as u64);
+
+    // Each segment backed up as a file of its own gives the same chunks, in order.
+    for (k, part) in data.chunks(seg).enumerate() {
+        std::fs::write(parts_dir.path().join(format!("{k}")), part).unwrap();
+    }
+    let parts = backup(&repo, parts_dir.path()).await.snapshot;
+    let mut joined = Vec::new();
+    for k in 0..len.div_ceil(seg) {
+        joined.extend(content_of(&repo, &parts, format!("{k}").as_bytes()).await);
+    }
+    assert_eq!(content_of(&repo, &b.snapshot, b"big").await, joined);
+
+    let mut ro = RestoreOptions::new(out.path());
+    ro.verify = true;
+    ferry_engine::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(out.path().join("big")).unwrap(), data);
+
+    // A block device image in segments, with a length that is not a multiple of them.
+    let img = src.path().join("disk.img");
+    std::fs::write(&img, &data[..len - 12345]).unwrap();
+    let mut o = BackupOptions::new(&img);
+    (o.block_device, o.segment) = (true, seg as u64);
+    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
+        .await
+        .unwrap();
+    let restored = out.path().join("restored.img");
+    let mut ro = RestoreOptions::new(&restored);
+    ro.verify = true;
+    ferry_engine::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&restored).unwrap(), &data[..len - 12345]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_has_reached_the_device_when_it_returns() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    let len = 8 << 20;
+    std::fs::write(src.path().join("f"), pseudo_random(len, 5)).unwrap();
+    let repo = new_repo(local(repo_dir.path())).await;
+    let snap = backup(&repo, src.path()).await.snapshot;
+
+    let fs = LoopFs::new(64 << 20);
+    let before = fs.written();
+    let o = RestoreOptions::new(fs.mount.join("out"));
+    ferry_engine::restore::restore(repo, &snap, &o, Default::default())
+        .await
+        .unwrap();
+    // Without a flush the bytes would sit in the page cache for up to 30 s (dirty_expire_centisecs).
+    let written = fs.written() - before;
+    assert!(
+        written >= len as u64,
+        "only {written} of {len} bytes reached the device when the restore returned"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_is_used_and_a_corrupt_cache_is_harmless() {
     let (src, repo_dir, cache_dir) = (tempdir(), tempdir(), tempdir());

@@ -151,6 +151,10 @@ enum Command {
         /// Concurrent downloads.
         #[arg(long, default_value_t = 4)]
         downloads: usize,
+        /// Drop large files' written pages from the page cache once they are on disk: for a new volume
+        /// nothing else reads yet.
+        #[arg(long)]
+        drop_cache: bool,
     },
     /// List snapshots.
     Snapshots,
@@ -435,12 +439,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sparse,
             verify,
             downloads,
+            drop_cache,
         } => {
             let repo = ctx.open().await?;
             let opts = RestoreOptions {
                 sparse,
                 verify,
                 downloads,
+                drop_cache,
                 ..RestoreOptions::new(target)
             };
             let r = restore(&ctx, repo, &snapshot, &opts).await?;

@@ -514,8 +514,10 @@ async fn restore(
         .await
         .map_err(|e| status(e.context(format!("snapshot {}", r.snapshot_id))))?;
     let sparse = r.mover_config.get("WriteSparseFiles").map(String::as_str) == Some("true");
+    // The volume is new and only this pod uses it: what is written need not stay in the pod's page cache.
     let opts = RestoreOptions {
         sparse,
+        drop_cache: true,
         ..RestoreOptions::new(path)
     };
     let s = ferry_engine::restore::restore(repo, &snap, &opts, progress)

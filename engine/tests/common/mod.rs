@@ -403,3 +403,60 @@ impl Backend for Gate {
 }
 
 pub mod faulty_s3;
+
+/// A scratch ext4 filesystem on a loop device, mounted for one test, unmounted and detached on drop (needs
+/// root, util-linux and e2fsprogs, as the e2e cluster does).
+pub struct LoopFs {
+    pub mount: PathBuf,
+    pub device: String,
+    _dir: tempfile::TempDir,
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl LoopFs {
+    pub fn new(size: u64) -> LoopFs {
+        // Not under /tmp: the image's own writes must not be a tmpfs's.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let img = img.to_str().unwrap();
+        // Inode tables and journal initialised now, so no background initialisation writes to the device later.
+        run(
+            "mkfs.ext4",
+            &["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", img],
+        );
+        let device = run("losetup", &["--find", "--show", img]);
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run("mount", &[&device, mount.to_str().unwrap()]);
+        LoopFs {
+            mount,
+            device,
+            _dir: dir,
+        }
+    }
+
+    /// Bytes written to the device so far (`/sys/block/<dev>/stat`, sectors written).
+    pub fn written(&self) -> u64 {
+        let name = self.device.trim_start_matches("/dev/");
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        let sectors: u64 = stat.split_whitespace().nth(6).unwrap().parse().unwrap();
+        sectors * 512
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
