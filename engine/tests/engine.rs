@@ -582,16 +582,50 @@ async fn a_restore_has_reached_the_device_when_it_returns() {
     let snap = backup(&repo, src.path()).await.snapshot;
 
     let fs = LoopFs::new(64 << 20);
-    let before = fs.written();
+    let before = fs.dev.written();
     let o = RestoreOptions::new(fs.mount.join("out"));
     ferry_engine::restore::restore(repo, &snap, &o, Default::default())
         .await
         .unwrap();
     // Without a flush the bytes would sit in the page cache for up to 30 s (dirty_expire_centisecs).
-    let written = fs.written() - before;
+    let written = fs.dev.written() - before;
     assert!(
         written >= len as u64,
         "only {written} of {len} bytes reached the device when the restore returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_snapshot_restores_onto_a_used_device_with_its_zeros_written() {
+    let (dir, repo_dir) = (tempdir(), tempdir());
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(24 << 20).unwrap();
+    // Data at unaligned offsets, so zero chunks start and end inside pages.
+    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(3 << 20, 4), (1 << 20) + 7)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"end", (24 << 20) - 3).unwrap();
+    let repo = new_repo(local(repo_dir.path())).await;
+    let mut o = BackupOptions::new(&img);
+    o.block_device = true;
+    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
+        .await
+        .unwrap();
+
+    // The device held other data everywhere: the snapshot's zeros must replace it.
+    let dev = LoopDev::new(32 << 20, |p| {
+        std::fs::write(p, vec![0xA5u8; 32 << 20]).unwrap()
+    });
+    let mut ro = RestoreOptions::new(&dev.device);
+    ro.drop_cache = true;
+    ferry_engine::restore::restore(repo, &b.snapshot, &ro, Default::default())
+        .await
+        .unwrap();
+    let back = std::fs::read(&dev.device).unwrap();
+    assert_eq!(&back[..24 << 20], &std::fs::read(&img).unwrap()[..]);
+    assert!(
+        back[24 << 20..].iter().all(|&b| b == 0xA5),
+        "nothing written past the image"
     );
 }
 

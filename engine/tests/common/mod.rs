@@ -404,12 +404,11 @@ impl Backend for Gate {
 
 pub mod faulty_s3;
 
-/// A scratch ext4 filesystem on a loop device, mounted for one test, unmounted and detached on drop (needs
-/// root, util-linux and e2fsprogs, as the e2e cluster does).
-pub struct LoopFs {
-    pub mount: PathBuf,
+/// A loop device over an image file of its own, detached on drop (needs root and util-linux, as the e2e
+/// cluster does).
+pub struct LoopDev {
     pub device: String,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -422,27 +421,16 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-impl LoopFs {
-    pub fn new(size: u64) -> LoopFs {
+impl LoopDev {
+    /// A device of `size` bytes over an image `init` prepares (given its path).
+    pub fn new(size: u64, init: impl FnOnce(&str)) -> LoopDev {
         // Not under /tmp: the image's own writes must not be a tmpfs's.
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let img = dir.path().join("fs.img");
+        let img = dir.path().join("dev.img");
         std::fs::File::create(&img).unwrap().set_len(size).unwrap();
-        let img = img.to_str().unwrap();
-        // Inode tables and journal initialised now, so no background initialisation writes to the device later.
-        run(
-            "mkfs.ext4",
-            &["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", img],
-        );
-        let device = run("losetup", &["--find", "--show", img]);
-        let mount = dir.path().join("mnt");
-        std::fs::create_dir(&mount).unwrap();
-        run("mount", &[&device, mount.to_str().unwrap()]);
-        LoopFs {
-            mount,
-            device,
-            _dir: dir,
-        }
+        init(img.to_str().unwrap());
+        let device = run("losetup", &["--find", "--show", img.to_str().unwrap()]);
+        LoopDev { device, dir }
     }
 
     /// Bytes written to the device so far (`/sys/block/<dev>/stat`, sectors written).
@@ -454,9 +442,37 @@ impl LoopFs {
     }
 }
 
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// A scratch ext4 filesystem on a loop device, mounted for one test and unmounted on drop (also needs
+/// e2fsprogs).
+pub struct LoopFs {
+    pub mount: PathBuf,
+    pub dev: LoopDev,
+}
+
+impl LoopFs {
+    pub fn new(size: u64) -> LoopFs {
+        // Inode tables and journal initialised now, so no background initialisation writes to the device later.
+        let dev = LoopDev::new(size, |img| {
+            run(
+                "mkfs.ext4",
+                &["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", img],
+            );
+        });
+        let mount = dev.dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run("mount", &[&dev.device, mount.to_str().unwrap()]);
+        LoopFs { mount, dev }
+    }
+}
+
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }
