@@ -1,12 +1,14 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas never reconcile at once. Every
 //! write is conflict-checked on the Lease's resourceVersion; a replica that cannot renew within the lease
-//! duration gives up leadership (and the binary exits, to be restarted as a follower).
+//! duration gives up leadership (and the binary exits, to be restarted as a follower). A leader that shuts
+//! down on a signal (a rolling update, a drained node) releases the lease, so a follower takes over within
+//! its next attempt instead of waiting for the lease to expire (as client-go's `ReleaseOnCancel`).
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, PostParams};
 
@@ -109,6 +111,32 @@ impl Election {
         }
     }
 
+    /// Gives the lease up if we hold it: no holder, and a renew time a whole duration ago, so a follower
+    /// sees it free at once. Best effort: if it fails, the lease expires as it would have.
+    pub async fn release(&self, client: &Client) {
+        let api: Api<Lease> = Api::namespaced(client.clone(), &self.namespace);
+        let mut l = match api.get_opt(&self.name).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing the lease");
+                return;
+            }
+        };
+        let spec = l.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(self.holder.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = Some(MicroTime(
+            Timestamp::now() - SignedDuration::from_secs(self.duration.as_secs() as i64 + 1),
+        ));
+        match api.replace(&self.name, &pp(), &l).await {
+            Ok(_) => tracing::info!(lease = %self.name, "released the lease"),
+            Err(e) => tracing::warn!(error = %e, "releasing the lease"),
+        }
+    }
+
     /// Keeps renewing; returns when leadership is lost (not renewed within the lease duration).
     pub async fn hold(&self, client: &Client) {
         let mut last_ok = tokio::time::Instant::now();
@@ -177,6 +205,60 @@ mod tests {
             echo_or(move |s| (s.method == Method::GET).then(|| ok(lease.clone()))),
         );
         assert!(!election().try_hold(&ctx.client).await.expect("hold"));
+        drop(ctx);
+        let seen = server.await.expect("server");
+        assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:#?}");
+    }
+
+    fn lease(holder: &str) -> serde_json::Value {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "ferry-controller", "namespace": "ferry-system", "resourceVersion": "5"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                "renewTime": MicroTime(Timestamp::now())}})
+    }
+
+    #[tokio::test]
+    async fn a_leader_shutting_down_releases_the_lease_and_a_follower_takes_it_at_once() {
+        let (ctx, handle) = ctx();
+        let held = lease("ctrl-0");
+        let server = serve(
+            handle,
+            echo_or(move |s| (s.method == Method::GET).then(|| ok(held.clone()))),
+        );
+        election().release(&ctx.client).await;
+        drop(ctx);
+        let seen = server.await.expect("server");
+        let put = seen
+            .iter()
+            .find(|s| s.method == Method::PUT)
+            .unwrap_or_else(|| panic!("the lease was not released: {seen:#?}"));
+        assert!(put.body["spec"]["holderIdentity"].is_null(), "{put:#?}");
+
+        // The released lease, as a follower reads it next: free, taken on the first attempt.
+        let (ctx, handle) = crate::testing::ctx();
+        let released = put.body.clone();
+        let server = serve(
+            handle,
+            echo_or(move |s| (s.method == Method::GET).then(|| ok(released.clone()))),
+        );
+        let follower = Election {
+            holder: "ctrl-1".into(),
+            ..election()
+        };
+        assert!(follower.try_hold(&ctx.client).await.expect("hold"));
+        drop(ctx);
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_lease_another_replica_holds_is_not_released() {
+        let (ctx, handle) = ctx();
+        let theirs = lease("ctrl-1");
+        let server = serve(
+            handle,
+            echo_or(move |s| (s.method == Method::GET).then(|| ok(theirs.clone()))),
+        );
+        election().release(&ctx.client).await;
         drop(ctx);
         let seen = server.await.expect("server");
         assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:#?}");

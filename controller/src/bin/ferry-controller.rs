@@ -75,7 +75,8 @@ async fn main() -> Result<()> {
         };
         election.acquire(&client).await;
         tokio::select! {
-            _ = ferry_controller::run(ctx) => {}
+            // The controllers stop on SIGTERM or SIGINT, after the reconciles in flight.
+            _ = ferry_controller::run(ctx) => election.release(&client).await,
             _ = election.hold(&client) => {
                 metrics.abort();
                 anyhow::bail!("lost leadership; exiting so a follower takes over");
