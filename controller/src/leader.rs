@@ -162,7 +162,7 @@ impl Election {
 mod tests {
     //! Lease handling against kube's mock service.
     use super::*;
-    use crate::testing::{ctx, echo_or, ok, serve};
+    use crate::testing::{Handle, Seen, ctx, echo_or, ok, serve};
     use http::Method;
     use serde_json::json;
 
@@ -193,23 +193,7 @@ mod tests {
         assert_eq!(created.body["spec"]["leaseDurationSeconds"], 15);
     }
 
-    #[tokio::test]
-    async fn a_lease_another_replica_renews_is_left_alone() {
-        let (ctx, handle) = ctx();
-        let renewed = MicroTime(Timestamp::now());
-        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "ferry-controller", "namespace": "ferry-system", "resourceVersion": "5"},
-            "spec": {"holderIdentity": "ctrl-1", "leaseDurationSeconds": 15, "renewTime": renewed}});
-        let server = serve(
-            handle,
-            echo_or(move |s| (s.method == Method::GET).then(|| ok(lease.clone()))),
-        );
-        assert!(!election().try_hold(&ctx.client).await.expect("hold"));
-        drop(ctx);
-        let seen = server.await.expect("server");
-        assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:#?}");
-    }
-
+    /// The lease as the API holds it: `holder` renewed it just now.
     fn lease(holder: &str) -> serde_json::Value {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": "ferry-controller", "namespace": "ferry-system", "resourceVersion": "5"},
@@ -217,14 +201,28 @@ mod tests {
                 "renewTime": MicroTime(Timestamp::now())}})
     }
 
+    /// The mock API server: a GET returns `lease`, writes are echoed.
+    fn serve_lease(handle: Handle, lease: serde_json::Value) -> tokio::task::JoinHandle<Vec<Seen>> {
+        serve(
+            handle,
+            echo_or(move |s| (s.method == Method::GET).then(|| ok(lease.clone()))),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_lease_another_replica_renews_is_left_alone() {
+        let (ctx, handle) = ctx();
+        let server = serve_lease(handle, lease("ctrl-1"));
+        assert!(!election().try_hold(&ctx.client).await.expect("hold"));
+        drop(ctx);
+        let seen = server.await.expect("server");
+        assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:#?}");
+    }
+
     #[tokio::test]
     async fn a_leader_shutting_down_releases_the_lease_and_a_follower_takes_it_at_once() {
         let (ctx, handle) = ctx();
-        let held = lease("ctrl-0");
-        let server = serve(
-            handle,
-            echo_or(move |s| (s.method == Method::GET).then(|| ok(held.clone()))),
-        );
+        let server = serve_lease(handle, lease("ctrl-0"));
         election().release(&ctx.client).await;
         drop(ctx);
         let seen = server.await.expect("server");
@@ -236,11 +234,7 @@ mod tests {
 
         // The released lease, as a follower reads it next: free, taken on the first attempt.
         let (ctx, handle) = crate::testing::ctx();
-        let released = put.body.clone();
-        let server = serve(
-            handle,
-            echo_or(move |s| (s.method == Method::GET).then(|| ok(released.clone()))),
-        );
+        let server = serve_lease(handle, put.body.clone());
         let follower = Election {
             holder: "ctrl-1".into(),
             ..election()
@@ -253,11 +247,7 @@ mod tests {
     #[tokio::test]
     async fn a_lease_another_replica_holds_is_not_released() {
         let (ctx, handle) = ctx();
-        let theirs = lease("ctrl-1");
-        let server = serve(
-            handle,
-            echo_or(move |s| (s.method == Method::GET).then(|| ok(theirs.clone()))),
-        );
+        let server = serve_lease(handle, lease("ctrl-1"));
         election().release(&ctx.client).await;
         drop(ctx);
         let seen = server.await.expect("server");

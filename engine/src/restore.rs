@@ -560,8 +560,8 @@ fn write_chunk(
     data: &[u8],
     how: &Writer,
 ) -> Result<Vec<String>> {
-    let (sparse, as_root) = (how.sparse, how.as_root);
-    let zero = sparse && data.iter().all(|&b| b == 0);
+    let all_zero = data.iter().all(|&b| b == 0); // stops at the first non-zero byte
+    let zero = how.sparse && all_zero;
     let mut warnings = Vec::new();
     for &(f, off) in targets {
         let pf = &batch.files[f as usize];
@@ -574,26 +574,23 @@ fn write_chunk(
                 } else {
                     file.write_all_at(data, off).map_err(io)?;
                 }
-                warnings.extend(fsmeta::apply_open(&file, &pf.path, node, as_root)?);
+                warnings.extend(fsmeta::apply_open(&file, &pf.path, node, how.as_root)?);
             }
             // A fresh file already reads as zeros there.
             Write::Chunks if zero => {}
-            Write::Device if data.iter().all(|&b| b == 0) => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&pf.path)
-                    .map_err(io)?;
-                zero_device_range(&file, off, data.len() as u64).map_err(io)?;
-            }
             Write::Chunks | Write::Device => {
                 let file = std::fs::OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&pf.path)
                     .map_err(io)?;
-                file.write_all_at(data, off).map_err(io)?;
-                if let Some(b) = &how.behind {
-                    b.wrote(&file, off, data.len() as u64);
+                if all_zero && matches!(pf.how, Write::Device) {
+                    zero_device_range(&file, off, data.len() as u64).map_err(io)?;
+                } else {
+                    file.write_all_at(data, off).map_err(io)?;
+                    if let Some(b) = &how.behind {
+                        b.wrote(&file, off, data.len() as u64);
+                    }
                 }
             }
         }

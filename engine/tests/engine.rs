@@ -458,14 +458,27 @@ async fn two_backups_at_once_both_succeed() {
     assert!(r.ok(), "{r:?}");
 }
 
+/// A sparse image file of `len` bytes holding each `(offset, bytes)` of `parts`, holes elsewhere.
+fn sparse_image(path: &std::path::Path, len: u64, parts: &[(u64, &[u8])]) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    for (offset, bytes) in parts {
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, *offset).unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_device_images_round_trip_and_restore_sparse() {
     let (dir, repo_dir) = (tempdir(), tempdir());
     let img = dir.path().join("disk.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(48 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(3 << 20, 9), 1 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"superblock", 40 << 20).unwrap();
+    sparse_image(
+        &img,
+        48 << 20,
+        &[
+            (1 << 20, &pseudo_random(3 << 20, 9)),
+            (40 << 20, b"superblock"),
+        ],
+    );
     let backend = local(repo_dir.path());
     let repo = new_repo(backend.clone()).await;
     let mut o = BackupOptions::new(&img);
@@ -599,12 +612,15 @@ async fn a_restore_has_reached_the_device_when_it_returns() {
 async fn a_block_snapshot_restores_onto_a_used_device_with_its_zeros_written() {
     let (dir, repo_dir) = (tempdir(), tempdir());
     let img = dir.path().join("disk.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(24 << 20).unwrap();
     // Data at unaligned offsets, so zero chunks start and end inside pages.
-    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(3 << 20, 4), (1 << 20) + 7)
-        .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"end", (24 << 20) - 3).unwrap();
+    sparse_image(
+        &img,
+        24 << 20,
+        &[
+            ((1 << 20) + 7, &pseudo_random(3 << 20, 4)),
+            ((24 << 20) - 3, b"end"),
+        ],
+    );
     let repo = new_repo(local(repo_dir.path())).await;
     let mut o = BackupOptions::new(&img);
     o.block_device = true;
