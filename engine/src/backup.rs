@@ -16,6 +16,11 @@
 //! move between backups, so an unchanged segment gives the same chunks again, and an insertion costs at most
 //! one extra chunk per later segment (`design/0001-repository-format.md`, "Chunking").
 //!
+//! Memory is set by the options, not the data: a reader holds a 1 MiB read buffer (a chunk within one read is
+//! hashed where it lies and copied only when new to the repository; one spanning reads is gathered once), and
+//! data packs are built in [`BackupOptions::uploads`] + 1 reused pack buffers ([`PackBuffers`]), so at most that
+//! many packs fill, wait and upload at once.
+//!
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
 //! interrupted backup leaves only unreferenced packs, never a dangling reference.
 //! A file whose type, size and mtime match its entry in the parent snapshot is not read again.
@@ -43,7 +48,7 @@ use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
 use crate::lease::{Lease, LeaseKind};
-use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
+use crate::pack::{self, BlobKind, FinishedPack, PackBuffers, PackWriter};
 use crate::pagecache::DropBehind;
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
@@ -197,6 +202,9 @@ struct Shared {
     drop_cache: bool,
     /// `BackupOptions::segment`.
     segment: u64,
+    /// The buffers of data packs being filled, waiting or uploading: [`BackupOptions::uploads`] + 1, so one
+    /// pack fills while the others upload (a full pack waits for a free upload with its buffer).
+    buffers: PackBuffers,
 }
 
 impl Shared {
@@ -206,8 +214,9 @@ impl Shared {
         self.store_as(tx, kind, id, data.len(), || data)
     }
 
-    /// A data chunk: zero runs are not hashed again, nor their bytes copied, unless new to the repository.
-    fn store_chunk(&self, tx: &cb::Sender<NewBlob>, chunk: Chunk) -> Result<BlobId> {
+    /// A data chunk, hashed where the chunker lent it and copied only when new: zero runs are not hashed
+    /// again, nor their bytes copied, unless new to the repository.
+    fn store_chunk(&self, tx: &cb::Sender<NewBlob>, chunk: Chunk<'_>) -> Result<BlobId> {
         match chunk {
             Chunk::Zeros(n) if n == self.chunker.max_size() => {
                 let id = *self
@@ -215,7 +224,14 @@ impl Shared {
                     .get_or_init(|| self.repo.keys().blob_id(&vec![0u8; n]));
                 self.store_as(tx, BlobKind::Data, id, n, || Chunk::Zeros(n).into_bytes())
             }
-            other => self.store(tx, BlobKind::Data, other.into_bytes()),
+            Chunk::Data(bytes) => {
+                let id = self.repo.keys().blob_id(&bytes);
+                let len = bytes.len();
+                self.store_as(tx, BlobKind::Data, id, len, || {
+                    Bytes::from(bytes.into_owned())
+                })
+            }
+            zeros => self.store(tx, BlobKind::Data, zeros.into_bytes()),
         }
     }
 
@@ -244,6 +260,38 @@ impl Shared {
         })
         .map_err(|_| pipeline_stopped())?;
         Ok(id)
+    }
+
+    /// Compresses and encrypts a blob into its kind's pack, and sends the pack on when full. A data pack takes
+    /// one of the [`PackBuffers`] when it starts, waiting while all are filling, queued or uploading (tree
+    /// packs, a quarter the size and far fewer, allocate their own).
+    fn pack_blob(
+        &self,
+        packers: &[Mutex<PackWriter>; 2],
+        b: NewBlob,
+        tx: &tokio::sync::mpsc::Sender<FinishedPack>,
+    ) -> Result<()> {
+        let keys = self.repo.keys();
+        let stored = pack::encode_blob(keys, b.kind, &b.data, self.repo.config().compression)?;
+        let full = {
+            let mut p = packers[(b.kind == BlobKind::Tree) as usize]
+                .lock()
+                .expect("packer lock");
+            if b.kind == BlobKind::Data && !p.has_buffer() {
+                let stopped = || tx.is_closed() || self.progress.is_canceled();
+                p.set_buffer(self.buffers.take(stopped).ok_or_else(pipeline_stopped)?);
+            }
+            p.add(b.id, b.data.len(), &stored);
+            if p.is_full() {
+                Some(p.finish(keys)?)
+            } else {
+                None
+            }
+        };
+        if let Some(f) = full {
+            tx.blocking_send(f).map_err(|_| pipeline_stopped())?;
+        }
+        Ok(())
     }
 
     /// Reads, chunks and stores one file, or one part of it.
@@ -600,6 +648,7 @@ async fn run(
         zero_max: Default::default(),
         drop_cache: opts.drop_cache,
         segment: opts.segment,
+        buffers: PackBuffers::new(opts.uploads.max(1) + 1),
     });
     let pack_size = repo.config().pack_size as usize;
     let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
@@ -629,26 +678,7 @@ async fn run(
                         );
                         std::thread::spawn(move || -> Result<()> {
                             for b in rx {
-                                let stored = pack::encode_blob(
-                                    shared.repo.keys(),
-                                    b.kind,
-                                    &b.data,
-                                    shared.repo.config().compression,
-                                )?;
-                                let full = {
-                                    let mut p = packers[(b.kind == BlobKind::Tree) as usize]
-                                        .lock()
-                                        .expect("packer lock");
-                                    p.add(b.id, b.data.len(), &stored);
-                                    if p.is_full() {
-                                        Some(p.finish(shared.repo.keys())?)
-                                    } else {
-                                        None
-                                    }
-                                };
-                                if let Some(f) = full {
-                                    tx.blocking_send(f).map_err(|_| pipeline_stopped())?;
-                                }
+                                shared.pack_blob(&packers, b, &tx)?;
                             }
                             Ok(())
                         })
@@ -731,10 +761,11 @@ async fn run(
         tokio::select! {
             p = pack_rx.recv(), if open && uploads.len() < opts.uploads.max(1) => match p {
                 Some(p) => {
-                    let repo = repo.clone();
+                    let (repo, shared) = (repo.clone(), shared.clone());
                     uploads.push(async move {
                         let size = p.bytes.len() as u64;
-                        repo.backend().put(&p.id.key(), p.bytes).await?;
+                        repo.backend().put(&p.id.key(), p.bytes.clone()).await?;
+                        shared.buffers.give_back(p.bytes);
                         Ok::<_, Error>(IndexPack { id: p.id, kind: p.header.kind, size, blobs: p.header.blobs })
                     });
                 }

@@ -6,6 +6,7 @@
 //! point, so whether a zero run can hold a boundary is known in advance. The boundaries are exactly those
 //! of the byte-by-byte loop; all-zero chunks are handed out as [`Chunk::Zeros`], without a copy.
 
+use std::borrow::Cow;
 use std::io::Read;
 
 use bytes::Bytes;
@@ -64,14 +65,15 @@ pub struct Chunker {
 
 /// One chunk of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chunk {
-    /// Bytes that are not all zero (its own exact-size copy).
-    Data(Bytes),
+pub enum Chunk<'a> {
+    /// Bytes that are not all zero: borrowed from the chunker's read buffer when the chunk lies within one
+    /// read, or gathered across reads into a buffer of its own.
+    Data(Cow<'a, [u8]>),
     /// This many zero bytes.
     Zeros(usize),
 }
 
-impl Chunk {
+impl Chunk<'_> {
     /// Its length in bytes.
     pub fn len(&self) -> usize {
         match self {
@@ -85,12 +87,63 @@ impl Chunk {
         self.len() == 0
     }
 
-    /// Its bytes (zeros allocated).
+    /// Its bytes as an owned buffer (copied when borrowed, zeros allocated).
     pub fn into_bytes(self) -> Bytes {
         match self {
-            Chunk::Data(b) => b,
+            Chunk::Data(b) => Bytes::from(b.into_owned()),
             Chunk::Zeros(n) => Bytes::from(vec![0u8; n]),
         }
+    }
+}
+
+/// The state of a chunk being cut across reads: its bytes so far, and the gear hash over them.
+#[derive(Debug, Default)]
+struct Cutting {
+    len: usize,
+    h: u64,
+}
+
+/// The bytes of a chunk that began in an earlier read. While all of them are zero they are only counted.
+#[derive(Default)]
+struct Held {
+    zeros: usize,
+    bytes: Vec<u8>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.zeros == 0 && self.bytes.is_empty()
+    }
+
+    /// Adds `data`, kept as a count while everything held is zero.
+    fn push(&mut self, data: &[u8], max: usize) {
+        if self.bytes.is_empty() && first_nonzero(data) == data.len() {
+            self.zeros += data.len();
+            return;
+        }
+        if self.bytes.is_empty() {
+            self.bytes.reserve_exact(max);
+            self.bytes.resize(std::mem::take(&mut self.zeros), 0);
+        }
+        self.bytes.extend_from_slice(data);
+    }
+
+    /// The chunk made of what is held and then `tail`.
+    fn chunk<'a>(&mut self, tail: &'a [u8], max: usize) -> Chunk<'a> {
+        if self.is_empty() {
+            return if first_nonzero(tail) == tail.len() {
+                Chunk::Zeros(tail.len())
+            } else {
+                Chunk::Data(Cow::Borrowed(tail))
+            };
+        }
+        self.push(tail, max);
+        if self.bytes.is_empty() {
+            return Chunk::Zeros(std::mem::take(&mut self.zeros));
+        }
+        let mut bytes = std::mem::take(&mut self.bytes);
+        bytes.shrink_to_fit();
+        Chunk::Data(Cow::Owned(bytes))
     }
 }
 
@@ -148,44 +201,75 @@ impl Chunker {
         self.max
     }
 
-    /// Length of the first chunk of `data`. With `eof` false, `data` must hold at least `max` bytes
-    /// (or the whole rest of the stream).
+    /// Length of the first chunk of `data`, which holds the whole rest of the stream or at least `max` bytes.
     pub fn cut(&self, data: &[u8]) -> usize {
-        let n = data.len();
-        if n <= self.min {
-            return n;
+        self.feed(&mut Cutting::default(), data)
+            .unwrap_or(data.len())
+    }
+
+    /// Feeds the next bytes of the chunk being cut: how many of them end it, when it ends within them.
+    /// With `None` all of `data` belongs to the chunk, which is still shorter than `max`.
+    fn feed(&self, st: &mut Cutting, data: &[u8]) -> Option<usize> {
+        let limit = data.len().min(self.max - st.len);
+        // Bytes below `min` are not hashed; then the small mask up to `avg`, the large one up to `max`.
+        let from = self.min.saturating_sub(st.len).min(limit);
+        let mid = self.avg.saturating_sub(st.len).clamp(from, limit);
+        let found = self
+            .roll(&mut st.h, data, from, mid, self.mask_small)
+            .or_else(|| self.roll(&mut st.h, data, mid, limit, self.mask_large))
+            .or((st.len + limit == self.max).then_some(limit));
+        st.len += data.len();
+        found
+    }
+
+    /// Rolls the gear hash `h` over `data[from..to]` until it matches `mask`: the index after the matching byte
+    /// (`h` is then stale: the chunk ends there).
+    ///
+    /// Every 64 bytes it looks whether the hash sits at its zero fixed point: then a zero byte leaves it as it
+    /// is, and where the fixed point fails the mask no boundary can fall anywhere in the zero run, so the run
+    /// is skipped whole (exactly what the byte loop would find).
+    fn roll(&self, h: &mut u64, data: &[u8], from: usize, to: usize, mask: u64) -> Option<usize> {
+        let skip_zeros = self.zero_fixed & mask != 0;
+        let mut i = from;
+        while i < to {
+            let block = &data[i..to.min(i + 64)];
+            if let Some(k) = self.roll_block(h, block, mask) {
+                return Some(i + k);
+            }
+            i += block.len();
+            if skip_zeros && *h == self.zero_fixed {
+                i += first_nonzero(&data[i..to]);
+            }
         }
-        let end = n.min(self.max);
-        let mid = self.avg.min(end);
-        let mut h: u64 = 0;
-        let mut i = self.min;
-        // At the fixed point a zero byte leaves the hash as it is; where the fixed point fails the mask, no
-        // boundary can fall anywhere in the zero run, so the run is skipped whole.
-        let skip_small = self.zero_fixed & self.mask_small != 0;
-        let skip_large = self.zero_fixed & self.mask_large != 0;
-        while i < mid {
-            if skip_small && h == self.zero_fixed && data[i] == 0 {
-                i += first_nonzero(&data[i..mid]);
-                continue;
+        None
+    }
+
+    /// [`Chunker::roll`] over a block, testing nothing but the mask. Two bytes per step, both hashes from the
+    /// one before the step (`h2 = 4h + 2g0 + g1`, the same value as `2h1 + g1`): the chain of dependent
+    /// shifts and adds is half as long.
+    fn roll_block(&self, h: &mut u64, block: &[u8], mask: u64) -> Option<usize> {
+        let mut hash = *h;
+        let mut pairs = block.chunks_exact(2);
+        for (k, p) in pairs.by_ref().enumerate() {
+            let (g0, g1) = (self.gear[p[0] as usize], self.gear[p[1] as usize]);
+            let h1 = (hash << 1).wrapping_add(g0);
+            let h2 = (hash << 2).wrapping_add((g0 << 1).wrapping_add(g1));
+            if h1 & mask == 0 {
+                return Some(2 * k + 1);
             }
-            h = (h << 1).wrapping_add(self.gear[data[i] as usize]);
-            if h & self.mask_small == 0 {
-                return i + 1;
+            if h2 & mask == 0 {
+                return Some(2 * k + 2);
             }
-            i += 1;
+            hash = h2;
         }
-        while i < end {
-            if skip_large && h == self.zero_fixed && data[i] == 0 {
-                i += first_nonzero(&data[i..end]);
-                continue;
+        if let [b] = pairs.remainder() {
+            hash = (hash << 1).wrapping_add(self.gear[*b as usize]);
+            if hash & mask == 0 {
+                return Some(block.len());
             }
-            h = (h << 1).wrapping_add(self.gear[data[i] as usize]);
-            if h & self.mask_large == 0 {
-                return i + 1;
-            }
-            i += 1;
         }
-        end
+        *h = hash;
+        None
     }
 
     /// [`Chunker::cut`] one byte at a time, as the format defines it (the reference for tests).
@@ -212,13 +296,13 @@ impl Chunker {
         end
     }
 
-    /// Splits a stream into chunks, calling `f` with each. One read buffer of `max + 1 MiB` is reused for
-    /// the whole stream (compacted in place); each chunk is handed out as its own exact-size copy, or as
-    /// [`Chunk::Zeros`] when all its bytes are zero.
+    /// Splits a stream into chunks, calling `f` with each. One read buffer of 1 MiB is reused for the whole
+    /// stream; a chunk within one read is lent from it, one spanning reads is gathered into a buffer of its
+    /// own, and an all-zero chunk comes as [`Chunk::Zeros`].
     pub fn chunk_stream<R: Read, E>(
         &self,
         r: R,
-        f: impl FnMut(Chunk) -> Result<(), E>,
+        f: impl FnMut(Chunk<'_>) -> Result<(), E>,
         on_io: impl FnMut(std::io::Error) -> E,
     ) -> Result<(), E> {
         self.chunk_stream_in(&mut Vec::new(), r, f, on_io)
@@ -230,44 +314,44 @@ impl Chunker {
         &self,
         buf: &mut Vec<u8>,
         mut r: R,
-        mut f: impl FnMut(Chunk) -> Result<(), E>,
+        mut f: impl FnMut(Chunk<'_>) -> Result<(), E>,
         mut on_io: impl FnMut(std::io::Error) -> E,
     ) -> Result<(), E> {
         const READ: usize = 1 << 20;
-        if buf.len() < self.max + READ {
-            buf.resize(self.max + READ, 0);
+        if buf.len() < READ {
+            buf.resize(READ, 0);
         }
-        let (mut start, mut end, mut eof) = (0usize, 0usize, false);
+        let mut st = Cutting::default();
+        let mut held = Held::default();
         loop {
-            while !eof && end - start < self.max {
-                if end + READ > buf.len() {
-                    buf.copy_within(start..end, 0);
-                    end -= start;
-                    start = 0;
+            let got = loop {
+                match r.read(&mut buf[..READ]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(on_io(e)),
                 }
-                let got = loop {
-                    match r.read(&mut buf[end..end + READ]) {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(on_io(e)),
-                    }
-                };
-                if got == 0 {
-                    eof = true;
+            };
+            if got == 0 {
+                if !held.is_empty() {
+                    f(held.chunk(&[], self.max))?;
                 }
-                end += got;
-            }
-            if start == end {
                 return Ok(());
             }
-            let n = self.cut(&buf[start..end]);
-            let bytes = &buf[start..start + n];
-            f(if first_nonzero(bytes) == n {
-                Chunk::Zeros(n)
-            } else {
-                Chunk::Data(Bytes::copy_from_slice(bytes))
-            })?;
-            start += n;
+            let mut at = 0;
+            while at < got {
+                let rest = &buf[at..got];
+                match self.feed(&mut st, rest) {
+                    Some(n) => {
+                        f(held.chunk(&rest[..n], self.max))?;
+                        st = Cutting::default();
+                        at += n;
+                    }
+                    None => {
+                        held.push(rest, self.max);
+                        at = got;
+                    }
+                }
+            }
         }
     }
 }
@@ -357,7 +441,10 @@ mod tests {
         c.chunk_stream(
             data.as_slice(),
             |ch| -> Result<(), ()> {
-                got.push(ch);
+                got.push(match ch {
+                    Chunk::Data(d) => Chunk::Data(Cow::Owned(d.into_owned())),
+                    Chunk::Zeros(n) => Chunk::Zeros(n),
+                });
                 Ok(())
             },
             |_| (),
@@ -418,7 +505,65 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// Reads `data` in pieces of the given sizes, in turn (as a pipe or a short-reading file would).
+    struct Pieces<'a> {
+        data: &'a [u8],
+        sizes: Vec<usize>,
+        next: usize,
+    }
+
+    impl Read for Pieces<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let want = self.sizes[self.next % self.sizes.len()].max(1);
+            self.next += 1;
+            let n = want.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    /// The chunks of `data` as the byte loop cuts it whole, each as zeros or bytes.
+    fn reference_chunks(c: &Chunker, data: &[u8]) -> Vec<Chunk<'static>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            let n = c.cut_bytewise(&data[at..]);
+            let bytes = &data[at..at + n];
+            out.push(if bytes.iter().all(|&b| b == 0) {
+                Chunk::Zeros(n)
+            } else {
+                Chunk::Data(Cow::Owned(bytes.to_vec()))
+            });
+            at += n;
+        }
+        out
+    }
+
     proptest! {
+        #[test]
+        fn chunks_cut_across_reads_are_the_chunks_of_the_whole_stream(
+            seed in 0u64..1000,
+            sizes in proptest::collection::vec(1usize..40_000, 1..8),
+        ) {
+            let c = chunker();
+            let data = sparse_image(seed);
+            let mut got = Vec::new();
+            c.chunk_stream(
+                Pieces { data: &data, sizes, next: 0 },
+                |ch| -> Result<(), ()> {
+                    got.push(match ch {
+                        Chunk::Data(d) => Chunk::Data(Cow::Owned(d.into_owned())),
+                        Chunk::Zeros(n) => Chunk::Zeros(n),
+                    });
+                    Ok(())
+                },
+                |_| (),
+            )
+            .expect("chunk");
+            prop_assert_eq!(got, reference_chunks(&c, &data));
+        }
+
         #[test]
         fn chunks_reassemble_and_respect_bounds(data in proptest::collection::vec(any::<u8>(), 0..60_000), seed in any::<u64>()) {
             let c = chunker();

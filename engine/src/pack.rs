@@ -301,11 +301,24 @@ impl PackWriter {
         }
     }
 
+    /// Whether the pack has a buffer to fill (it has none when new and after [`PackWriter::finish`]).
+    pub fn has_buffer(&self) -> bool {
+        self.buf.capacity() > 0
+    }
+
+    /// Gives the pack an empty buffer to fill, reusing its allocation (one of [`PackBuffers`]).
+    pub fn set_buffer(&mut self, buf: Vec<u8>) {
+        debug_assert!(self.buf.is_empty() && buf.is_empty());
+        self.buf = buf;
+    }
+
     /// Appends an encoded blob.
     pub fn add(&mut self, id: BlobId, raw_length: usize, stored: &[u8]) {
-        if self.buf.capacity() == 0 {
+        if self.buf.capacity() - self.buf.len() < stored.len() {
+            // Room for the whole pack at once, so it is not reallocated as it fills.
+            let room = self.target + stored.len() + 64 * 1024;
             self.buf
-                .reserve_exact(self.target + stored.len() + 64 * 1024);
+                .reserve_exact(room.saturating_sub(self.buf.len()).max(stored.len()));
         }
         self.entries.push(PackEntry {
             id,
@@ -354,6 +367,47 @@ impl PackWriter {
     }
 }
 
+/// The buffers packs are built in: a fixed number, so the packs filling, waiting and uploading together
+/// never hold more memory than that, and a buffer's pages are reused instead of faulted in afresh for each
+/// pack (a 16 MiB pack is its own mapping, given back to the kernel when freed).
+pub struct PackBuffers {
+    free: crossbeam_channel::Receiver<Vec<u8>>,
+    back: crossbeam_channel::Sender<Vec<u8>>,
+}
+
+impl PackBuffers {
+    /// `n` buffers, allocated when first filled.
+    pub fn new(n: usize) -> Self {
+        let (back, free) = crossbeam_channel::bounded(n.max(1));
+        for _ in 0..n.max(1) {
+            back.send(Vec::new()).expect("room for every buffer");
+        }
+        PackBuffers { free, back }
+    }
+
+    /// A free buffer, waiting while all are in use. `None` once `stopped()` says none will come back (the
+    /// uploads ended); checked every 100 ms while waiting.
+    pub fn take(&self, stopped: impl Fn() -> bool) -> Option<Vec<u8>> {
+        loop {
+            match self
+                .free
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                Ok(buf) => return Some(buf),
+                Err(_) if stopped() => return None,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Gives back a stored pack's buffer: its allocation when nothing else holds the bytes, else a new one.
+    pub fn give_back(&self, bytes: Bytes) {
+        let mut buf = bytes.try_into_mut().map(Vec::from).unwrap_or_default();
+        buf.clear();
+        let _ = self.back.try_send(buf);
+    }
+}
+
 /// Reads and checks the header of a whole pack file.
 pub fn read_header(keys: &Keys, id: &PackId, pack: &[u8]) -> Result<PackHeader> {
     let bad = |m: &str| Error::Integrity(format!("pack {}: {m}", id.short()));
@@ -391,6 +445,27 @@ pub fn read_header(keys: &Keys, id: &PackId, pack: &[u8]) -> Result<PackHeader> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pack_buffers_are_bounded_and_a_stored_pack_gives_its_allocation_back() {
+        let keys = Keys::generate().expect("keys");
+        let pool = PackBuffers::new(2);
+        let mut w = PackWriter::new(BlobKind::Data, 1 << 20);
+        w.set_buffer(pool.take(|| false).expect("a free buffer"));
+        w.add(BlobId([1; 32]), 3, b"abc");
+        let first = w.finish(&keys).expect("finish");
+        let (at, cap) = (first.bytes.as_ptr(), first.bytes.len());
+        let held = pool.take(|| false).expect("the second buffer");
+        // Both in use: the next take waits, and gives up once told nothing will come back.
+        assert!(pool.take(|| true).is_none());
+        let upload_copy = first.bytes.clone();
+        drop(upload_copy);
+        pool.give_back(first.bytes);
+        let reused = pool.take(|| false).expect("the first buffer, back");
+        assert_eq!((reused.as_ptr(), reused.is_empty()), (at, true));
+        assert!(reused.capacity() >= cap);
+        drop(held);
+    }
 
     #[test]
     fn pack_round_trip_and_tamper() {

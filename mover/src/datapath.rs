@@ -464,7 +464,10 @@ async fn backup(
             .insert(labels::TAG_DATA_UPLOAD.into(), r.operation_id.clone());
     }
     opts.hostname = (!src.node.is_empty()).then(|| src.node.clone());
-    opts.uploads = 4;
+    // Each upload holds a whole 16 MiB pack (the backup keeps uploads + 1 pack buffers): two keep a pack
+    // filling while one stores, at 48 MiB of packs. Four were no faster on the e2e cluster's S3 server
+    // (bench/CLUSTER.md, run 8) and cost 32 MiB more.
+    opts.uploads = 2;
     // The mover pod reads a snapshot's clone once; its page cache would only fill the pod's memory limit.
     opts.drop_cache = true;
     opts.parent = if !r.parent_snapshot_id.is_empty() {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::client::customize::CustomizableOperation;
 use aws_sdk_s3::config::retry::{
     ClassifyRetry, RetryAction, RetryConfig, RetryPartition, TokenBucket,
 };
@@ -23,7 +24,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::operation::put_object::PutObjectError;
+use aws_sdk_s3::operation::put_object::{PutObjectError, PutObjectOutput};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ChecksumAlgorithm;
 use bytes::Bytes;
@@ -192,6 +193,32 @@ pub struct S3Backend {
     bucket: String,
     prefix: String,
     limits: Limits,
+    /// Whether uploads sign their payload's SHA-256 ([`signs_payload`]).
+    sign_payload: bool,
+}
+
+/// Whether uploads to `endpoint` (`None`: AWS, over HTTPS) sign their payload's SHA-256. Over HTTPS they do
+/// not (`UNSIGNED-PAYLOAD`, as the AWS SDKs' own transfer managers do): TLS protects the bytes in transit, the
+/// server checks the CRC32C, and every object is authenticated (AES-GCM) when read, so hashing each pack a
+/// second time with SHA-256 would only cost CPU. Over plain HTTP the signed hash is what makes the server
+/// refuse a body changed on its way, so it stays.
+pub fn signs_payload(endpoint: Option<&str>) -> bool {
+    endpoint.is_some_and(|e| !e.trim_start().to_ascii_lowercase().starts_with("https://"))
+}
+
+/// [`signs_payload`] applied to one PUT.
+trait PayloadSigning {
+    fn disable_payload_signing_unless(self, sign: bool) -> Self;
+}
+
+impl<E, B> PayloadSigning for CustomizableOperation<PutObjectOutput, E, B> {
+    fn disable_payload_signing_unless(self, sign: bool) -> Self {
+        if sign {
+            self
+        } else {
+            self.disable_payload_signing()
+        }
+    }
 }
 
 /// A PUT refused because the body the server received does not match its checksum (CRC32C, or the
@@ -369,6 +396,7 @@ impl S3Backend {
             cfg = cfg.endpoint_url(ep);
         }
         Ok(S3Backend {
+            sign_payload: signs_payload(o.endpoint.as_deref()),
             client: Client::from_conf(cfg.build()),
             bucket: o.bucket,
             prefix: o.prefix,
@@ -510,6 +538,8 @@ impl Backend for S3Backend {
             .content_length(len)
             .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .body(ByteStream::from(data))
+            .customize()
+            .disable_payload_signing_unless(self.sign_payload)
             .send()
             .await
             .map_err(|e| sdk_err("put", key, e))?;
@@ -527,6 +557,8 @@ impl Backend for S3Backend {
             .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .if_none_match("*")
             .body(ByteStream::from(data.clone()))
+            .customize()
+            .disable_payload_signing_unless(self.sign_payload)
             .send()
             .await
         {
@@ -630,6 +662,15 @@ mod tests {
         assert_eq!(o.connect_timeout, Duration::from_secs(10));
         assert_eq!(o.attempt_timeout, Duration::from_secs(60));
         assert_eq!(o.max_attempts, 4);
+    }
+
+    #[test]
+    fn payloads_are_signed_over_plain_http_only() {
+        assert!(signs_payload(Some("http://10.88.0.1:9000")));
+        assert!(signs_payload(Some("HTTP://minio.local")));
+        assert!(!signs_payload(Some("https://minio.example:9000")));
+        assert!(!signs_payload(Some("HTTPS://s3.example")));
+        assert!(!signs_payload(None), "AWS's own endpoints are HTTPS");
     }
 
     #[test]
