@@ -120,7 +120,7 @@ impl BackupOptions {
 pub const SEGMENT: u64 = 64 << 20;
 
 /// Reader threads for `cpus` cores: 4 per core, between 4 and 16. A file (or segment) is read by one reader,
-/// so only several readers keep several reads in flight; each holds a 3 MiB chunking buffer.
+/// so only several readers keep several reads in flight; each holds a 1 MiB read buffer.
 fn default_readers(cpus: usize) -> usize {
     (cpus * 4).clamp(4, 16)
 }
