@@ -373,18 +373,29 @@ mod tests {
         )
     }
 
-    fn chunks(c: &Chunker, data: &[u8]) -> Vec<Bytes> {
+    /// The chunks of what `r` reads, each kept (owned).
+    fn owned_chunks(c: &Chunker, r: impl Read) -> Vec<Chunk<'static>> {
         let mut out = Vec::new();
         c.chunk_stream(
-            data,
-            |b| -> Result<(), ()> {
-                out.push(b.into_bytes());
+            r,
+            |ch| -> Result<(), ()> {
+                out.push(match ch {
+                    Chunk::Data(d) => Chunk::Data(Cow::Owned(d.into_owned())),
+                    Chunk::Zeros(n) => Chunk::Zeros(n),
+                });
                 Ok(())
             },
             |_| (),
         )
         .expect("chunk");
         out
+    }
+
+    fn chunks(c: &Chunker, data: &[u8]) -> Vec<Bytes> {
+        owned_chunks(c, data)
+            .into_iter()
+            .map(Chunk::into_bytes)
+            .collect()
     }
 
     /// Data with long zero runs between random stretches, as a mostly empty disk image has.
@@ -437,19 +448,7 @@ mod tests {
         let mut data = pseudo_random(5000, 1);
         data.extend(vec![0u8; 100_000]);
         data.extend(pseudo_random(5000, 2));
-        let mut got = Vec::new();
-        c.chunk_stream(
-            data.as_slice(),
-            |ch| -> Result<(), ()> {
-                got.push(match ch {
-                    Chunk::Data(d) => Chunk::Data(Cow::Owned(d.into_owned())),
-                    Chunk::Zeros(n) => Chunk::Zeros(n),
-                });
-                Ok(())
-            },
-            |_| (),
-        )
-        .expect("chunk");
+        let got = owned_chunks(&c, data.as_slice());
         assert!(
             got.iter()
                 .filter(|c| matches!(c, Chunk::Zeros(16384)))
@@ -548,19 +547,7 @@ mod tests {
         ) {
             let c = chunker();
             let data = sparse_image(seed);
-            let mut got = Vec::new();
-            c.chunk_stream(
-                Pieces { data: &data, sizes, next: 0 },
-                |ch| -> Result<(), ()> {
-                    got.push(match ch {
-                        Chunk::Data(d) => Chunk::Data(Cow::Owned(d.into_owned())),
-                        Chunk::Zeros(n) => Chunk::Zeros(n),
-                    });
-                    Ok(())
-                },
-                |_| (),
-            )
-            .expect("chunk");
+            let got = owned_chunks(&c, Pieces { data: &data, sizes, next: 0 });
             prop_assert_eq!(got, reference_chunks(&c, &data));
         }
 
