@@ -14,7 +14,8 @@
 //! offsets, each a job of its own, so several readers (and both cores' chunking and hashing) work on it at
 //! once. Every segment is chunked on its own: a chunk boundary falls at each segment start. The offsets do not
 //! move between backups, so an unchanged segment gives the same chunks again, and an insertion costs at most
-//! one extra chunk per later segment (`design/0001-repository-format.md`, "Chunking").
+//! one extra chunk per later segment (`design/0001-repository-format.md`, "Chunking"). At most
+//! [`BackupOptions::segment_readers`] readers work on segments at once; the others stay free for small files.
 //!
 //! Memory is set by the options, not the data: a reader holds a 1 MiB read buffer (a chunk within one read is
 //! hashed where it lies and copied only when new to the repository; one spanning reads is gathered once), and
@@ -92,6 +93,9 @@ pub struct BackupOptions {
     pub drop_cache: bool,
     /// Files larger than this are read as segments of this many bytes, several at once (the module's doc).
     pub segment: u64,
+    /// Readers that may work on segments at once. Past a few per core they add memory (each holds its read
+    /// buffer and the chunk it hands on), not speed; the other readers stay free for small files.
+    pub segment_readers: usize,
 }
 
 impl BackupOptions {
@@ -111,6 +115,7 @@ impl BackupOptions {
             uploads: 2,
             drop_cache: false,
             segment: SEGMENT,
+            segment_readers: (cpus * 2).clamp(2, 8),
         }
     }
 }
@@ -145,6 +150,50 @@ struct Part {
     offset: u64,
     /// `None`: to the end of the file (the file's last part).
     len: Option<u64>,
+}
+
+impl Part {
+    /// Whether this is one segment of a file read in several (not a whole file).
+    fn is_segment(&self) -> bool {
+        self.offset > 0 || self.len.is_some()
+    }
+}
+
+/// A counting semaphore for the readers working on segments ([`BackupOptions::segment_readers`]).
+struct Slots {
+    free: cb::Receiver<()>,
+    back: cb::Sender<()>,
+}
+
+/// A taken slot, given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        let (back, free) = cb::bounded(n.max(1));
+        for _ in 0..n.max(1) {
+            back.send(()).expect("room for every slot");
+        }
+        Slots { free, back }
+    }
+
+    /// Takes a slot, waiting while all are taken.
+    fn take(&self) -> Slot<'_> {
+        self.free.recv().expect("the slots outlive their takers");
+        Slot(self)
+    }
+
+    /// Takes a slot if one is free.
+    #[cfg(test)]
+    fn try_take(&self) -> Option<Slot<'_>> {
+        self.free.try_recv().ok().map(|()| Slot(self))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.back.try_send(());
+    }
 }
 
 /// The parts of a file of `size` bytes: the whole file, or segments of `segment` bytes at fixed offsets with
@@ -202,6 +251,8 @@ struct Shared {
     drop_cache: bool,
     /// `BackupOptions::segment`.
     segment: u64,
+    /// [`BackupOptions::segment_readers`].
+    segment_slots: Slots,
     /// The buffers of data packs being filled, waiting or uploading: [`BackupOptions::uploads`] + 1, so one
     /// pack fills while the others upload (a full pack waits for a free upload with its buffer).
     buffers: PackBuffers,
@@ -648,6 +699,7 @@ async fn run(
         zero_max: Default::default(),
         drop_cache: opts.drop_cache,
         segment: opts.segment,
+        segment_slots: Slots::new(opts.segment_readers),
         buffers: PackBuffers::new(opts.uploads.max(1) + 1),
     });
     let pack_size = repo.config().pack_size as usize;
@@ -690,7 +742,10 @@ async fn run(
                         let (rx, tx, shared) = (job_rx.clone(), blob_tx.clone(), shared.clone());
                         std::thread::spawn(move || {
                             for job in rx {
+                                let slot =
+                                    job.part.is_segment().then(|| shared.segment_slots.take());
                                 let r = shared.read_file(&job.path, job.part, &tx);
+                                drop(slot);
                                 if r.is_ok() && job.part.len.is_none() {
                                     Progress::add(&shared.progress.files_done, 1);
                                 }
@@ -865,5 +920,18 @@ mod tests {
             ]
         );
         assert_eq!(parts(1 << 40, 0), vec![part(0, None)], "0: never split");
+    }
+
+    #[test]
+    fn only_segments_take_one_of_the_segment_readers_slots_and_no_more_than_there_are() {
+        assert!(!part(0, None).is_segment(), "a whole file");
+        assert!(parts(200, 64).iter().all(Part::is_segment));
+        let slots = Slots::new(2);
+        let (a, b) = (slots.take(), slots.take());
+        assert!(slots.try_take().is_none(), "a third reader waits");
+        drop(a);
+        let c = slots.try_take().expect("a slot given back is free again");
+        drop((b, c));
+        assert_eq!(slots.free.len(), 2);
     }
 }
