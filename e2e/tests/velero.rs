@@ -10,9 +10,17 @@ use anyhow::{Context, Result, bail, ensure};
 use ferry_e2e::ferry::{VELERO_NS, deploy};
 use ferry_e2e::{Cluster, DEFAULT_LOGS, TestNs, script_pod};
 
+/// Velero first, with its own CRDs (as for a user who had Velero before adding Ferry), then Ferry: its
+/// deploy must bring the BSL schema Ferry reads (`caCertRef` is newer than Velero v1.17's CRD), or the
+/// apiserver rejects BSLs that use it (a cluster left with Velero's CRDs failed CI that way).
 fn setup() -> Cluster {
     let c = Cluster::connect().unwrap_or_else(|e| panic!("{e:#}"));
-    deploy(&c).unwrap_or_else(|e| panic!("{e:#}"));
+    const BSL_CRD: &str = "crd/backupstoragelocations.velero.io";
+    // A Velero server left running would keep e2e/velero/up from installing its CRDs.
+    let down = ferry_e2e::manifest_dir().join("velero/down");
+    assert!(Command::new(&down).status().expect("running e2e/velero/down").success());
+    c.kubectl_output(&["delete", BSL_CRD, "--ignore-not-found", "--wait"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let script = ferry_e2e::manifest_dir().join("velero/up");
     let out = Command::new(&script)
         .output()
@@ -21,6 +29,14 @@ fn setup() -> Cluster {
         out.status.success(),
         "e2e/velero/up failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    deploy(&c).unwrap_or_else(|e| panic!("{e:#}"));
+    let schema = c
+        .kubectl_output(&["get", BSL_CRD, "-o", "jsonpath={.spec.versions[0].schema}"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        schema.contains("caCertRef"),
+        "after scripts/deploy the BSL CRD is still Velero v1.17's, without caCertRef"
     );
     c
 }
