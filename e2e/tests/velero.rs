@@ -18,7 +18,12 @@ fn setup() -> Cluster {
     const BSL_CRD: &str = "crd/backupstoragelocations.velero.io";
     // A Velero server left running would keep e2e/velero/up from installing its CRDs.
     let down = ferry_e2e::manifest_dir().join("velero/down");
-    assert!(Command::new(&down).status().expect("running e2e/velero/down").success());
+    assert!(
+        Command::new(&down)
+            .status()
+            .expect("running e2e/velero/down")
+            .success()
+    );
     c.kubectl_output(&["delete", BSL_CRD, "--ignore-not-found", "--wait"])
         .unwrap_or_else(|e| panic!("{e:#}"));
     let script = ferry_e2e::manifest_dir().join("velero/up");
