@@ -19,7 +19,7 @@
 //!
 //! Memory is set by the options, not the data: a reader holds a 1 MiB read buffer (a chunk within one read is
 //! hashed where it lies and copied only when new to the repository; one spanning reads is gathered once), and
-//! data packs are built in [`BackupOptions::uploads`] + 1 reused pack buffers ([`PackBuffers`]), so at most that
+//! data packs are built in [`BackupOptions::uploads`] + 1 reused pack buffers (a [`Pool`]), so at most that
 //! many packs fill, wait and upload at once.
 //!
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
@@ -49,8 +49,9 @@ use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
 use crate::lease::{Lease, LeaseKind};
-use crate::pack::{self, BlobKind, FinishedPack, PackBuffers, PackWriter};
+use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
 use crate::pagecache::DropBehind;
+use crate::pool::Pool;
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
 use crate::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
@@ -159,43 +160,6 @@ impl Part {
     }
 }
 
-/// A counting semaphore for the readers working on segments ([`BackupOptions::segment_readers`]).
-struct Slots {
-    free: cb::Receiver<()>,
-    back: cb::Sender<()>,
-}
-
-/// A taken slot, given back when dropped.
-struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    fn new(n: usize) -> Self {
-        let (back, free) = cb::bounded(n.max(1));
-        for _ in 0..n.max(1) {
-            back.send(()).expect("room for every slot");
-        }
-        Slots { free, back }
-    }
-
-    /// Takes a slot, waiting while all are taken.
-    fn take(&self) -> Slot<'_> {
-        self.free.recv().expect("the slots outlive their takers");
-        Slot(self)
-    }
-
-    /// Takes a slot if one is free.
-    #[cfg(test)]
-    fn try_take(&self) -> Option<Slot<'_>> {
-        self.free.try_recv().ok().map(|()| Slot(self))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.back.try_send(());
-    }
-}
-
 /// The parts of a file of `size` bytes: the whole file, or segments of `segment` bytes at fixed offsets with
 /// the last one reading to the end (the file may have grown since it was measured).
 fn parts(size: u64, segment: u64) -> Vec<Part> {
@@ -252,10 +216,10 @@ struct Shared {
     /// `BackupOptions::segment`.
     segment: u64,
     /// [`BackupOptions::segment_readers`].
-    segment_slots: Slots,
+    segment_slots: Pool<()>,
     /// The buffers of data packs being filled, waiting or uploading: [`BackupOptions::uploads`] + 1, so one
     /// pack fills while the others upload (a full pack waits for a free upload with its buffer).
-    buffers: PackBuffers,
+    buffers: Pool<Vec<u8>>,
 }
 
 impl Shared {
@@ -314,7 +278,7 @@ impl Shared {
     }
 
     /// Compresses and encrypts a blob into its kind's pack, and sends the pack on when full. A data pack takes
-    /// one of the [`PackBuffers`] when it starts, waiting while all are filling, queued or uploading (tree
+    /// one of the pooled buffers when it starts, waiting while all are filling, queued or uploading (tree
     /// packs, a quarter the size and far fewer, allocate their own).
     fn pack_blob(
         &self,
@@ -330,7 +294,11 @@ impl Shared {
                 .expect("packer lock");
             if b.kind == BlobKind::Data && !p.has_buffer() {
                 let stopped = || tx.is_closed() || self.progress.is_canceled();
-                p.set_buffer(self.buffers.take(stopped).ok_or_else(pipeline_stopped)?);
+                p.set_buffer(
+                    self.buffers
+                        .take_unless(stopped)
+                        .ok_or_else(pipeline_stopped)?,
+                );
             }
             p.add(b.id, b.data.len(), &stored);
             if p.is_full() {
@@ -699,8 +667,8 @@ async fn run(
         zero_max: Default::default(),
         drop_cache: opts.drop_cache,
         segment: opts.segment,
-        segment_slots: Slots::new(opts.segment_readers),
-        buffers: PackBuffers::new(opts.uploads.max(1) + 1),
+        segment_slots: Pool::new(vec![(); opts.segment_readers.max(1)]),
+        buffers: Pool::new((0..=opts.uploads.max(1)).map(|_| Vec::new())),
     });
     let pack_size = repo.config().pack_size as usize;
     let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
@@ -743,7 +711,7 @@ async fn run(
                         std::thread::spawn(move || {
                             for job in rx {
                                 let slot =
-                                    job.part.is_segment().then(|| shared.segment_slots.take());
+                                    job.part.is_segment().then(|| shared.segment_slots.lease());
                                 let r = shared.read_file(&job.path, job.part, &tx);
                                 drop(slot);
                                 if r.is_ok() && job.part.len.is_none() {
@@ -820,7 +788,7 @@ async fn run(
                     uploads.push(async move {
                         let size = p.bytes.len() as u64;
                         repo.backend().put(&p.id.key(), p.bytes.clone()).await?;
-                        shared.buffers.give_back(p.bytes);
+                        shared.buffers.give_back(pack::reclaim_buffer(p.bytes));
                         Ok::<_, Error>(IndexPack { id: p.id, kind: p.header.kind, size, blobs: p.header.blobs })
                     });
                 }
@@ -923,15 +891,10 @@ mod tests {
     }
 
     #[test]
-    fn only_segments_take_one_of_the_segment_readers_slots_and_no_more_than_there_are() {
+    fn only_the_parts_of_a_split_file_take_a_segment_readers_lease() {
+        // The cap itself is the pool's (`pool::tests`); what takes from it is decided here.
         assert!(!part(0, None).is_segment(), "a whole file");
         assert!(parts(200, 64).iter().all(Part::is_segment));
-        let slots = Slots::new(2);
-        let (a, b) = (slots.take(), slots.take());
-        assert!(slots.try_take().is_none(), "a third reader waits");
-        drop(a);
-        let c = slots.try_take().expect("a slot given back is free again");
-        drop((b, c));
-        assert_eq!(slots.free.len(), 2);
+        assert!(part(0, Some(64)).is_segment(), "the first segment too");
     }
 }

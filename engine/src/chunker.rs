@@ -201,8 +201,10 @@ impl Chunker {
         self.max
     }
 
-    /// Length of the first chunk of `data`, which holds the whole rest of the stream or at least `max` bytes.
-    pub fn cut(&self, data: &[u8]) -> usize {
+    /// Length of the first chunk of `data`, which holds the whole rest of the stream or at least `max` bytes
+    /// (for tests, against [`Chunker::cut_bytewise`]; a backup cuts across its reads with `feed`).
+    #[cfg(test)]
+    fn cut(&self, data: &[u8]) -> usize {
         self.feed(&mut Cutting::default(), data)
             .unwrap_or(data.len())
     }

@@ -33,6 +33,7 @@ pub mod lease;
 pub mod open;
 pub mod pack;
 pub mod pagecache;
+mod pool;
 pub mod progress;
 pub mod prune;
 pub mod repo;

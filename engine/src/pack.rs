@@ -306,7 +306,7 @@ impl PackWriter {
         self.buf.capacity() > 0
     }
 
-    /// Gives the pack an empty buffer to fill, reusing its allocation (one of [`PackBuffers`]).
+    /// Gives the pack an empty buffer to fill, reusing its allocation ([`reclaim_buffer`]).
     pub fn set_buffer(&mut self, buf: Vec<u8>) {
         debug_assert!(self.buf.is_empty() && buf.is_empty());
         self.buf = buf;
@@ -367,45 +367,12 @@ impl PackWriter {
     }
 }
 
-/// The buffers packs are built in: a fixed number, so the packs filling, waiting and uploading together
-/// never hold more memory than that, and a buffer's pages are reused instead of faulted in afresh for each
-/// pack (a 16 MiB pack is its own mapping, given back to the kernel when freed).
-pub struct PackBuffers {
-    free: crossbeam_channel::Receiver<Vec<u8>>,
-    back: crossbeam_channel::Sender<Vec<u8>>,
-}
-
-impl PackBuffers {
-    /// `n` buffers, allocated when first filled.
-    pub fn new(n: usize) -> Self {
-        let (back, free) = crossbeam_channel::bounded(n.max(1));
-        for _ in 0..n.max(1) {
-            back.send(Vec::new()).expect("room for every buffer");
-        }
-        PackBuffers { free, back }
-    }
-
-    /// A free buffer, waiting while all are in use. `None` once `stopped()` says none will come back (the
-    /// uploads ended); checked every 100 ms while waiting.
-    pub fn take(&self, stopped: impl Fn() -> bool) -> Option<Vec<u8>> {
-        loop {
-            match self
-                .free
-                .recv_timeout(std::time::Duration::from_millis(100))
-            {
-                Ok(buf) => return Some(buf),
-                Err(_) if stopped() => return None,
-                Err(_) => {}
-            }
-        }
-    }
-
-    /// Gives back a stored pack's buffer: its allocation when nothing else holds the bytes, else a new one.
-    pub fn give_back(&self, bytes: Bytes) {
-        let mut buf = bytes.try_into_mut().map(Vec::from).unwrap_or_default();
-        buf.clear();
-        let _ = self.back.try_send(buf);
-    }
+/// The allocation of a stored pack's bytes, emptied, to build the next pack in (see
+/// [`PackWriter::set_buffer`]); a new one when something else still holds the bytes.
+pub fn reclaim_buffer(bytes: Bytes) -> Vec<u8> {
+    let mut buf = bytes.try_into_mut().map(Vec::from).unwrap_or_default();
+    buf.clear();
+    buf
 }
 
 /// Reads and checks the header of a whole pack file.
@@ -447,24 +414,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pack_buffers_are_bounded_and_a_stored_pack_gives_its_allocation_back() {
+    fn a_stored_pack_gives_its_allocation_back_unless_its_bytes_are_still_held() {
         let keys = Keys::generate().expect("keys");
-        let pool = PackBuffers::new(2);
         let mut w = PackWriter::new(BlobKind::Data, 1 << 20);
-        w.set_buffer(pool.take(|| false).expect("a free buffer"));
+        w.set_buffer(Vec::new());
         w.add(BlobId([1; 32]), 3, b"abc");
         let first = w.finish(&keys).expect("finish");
-        let (at, cap) = (first.bytes.as_ptr(), first.bytes.len());
-        let held = pool.take(|| false).expect("the second buffer");
-        // Both in use: the next take waits, and gives up once told nothing will come back.
-        assert!(pool.take(|| true).is_none());
+        let (at, len) = (first.bytes.as_ptr(), first.bytes.len());
         let upload_copy = first.bytes.clone();
         drop(upload_copy);
-        pool.give_back(first.bytes);
-        let reused = pool.take(|| false).expect("the first buffer, back");
+        let reused = reclaim_buffer(first.bytes);
         assert_eq!((reused.as_ptr(), reused.is_empty()), (at, true));
-        assert!(reused.capacity() >= cap);
-        drop(held);
+        assert!(reused.capacity() >= len);
+        let held = Bytes::from(vec![1u8; 64]);
+        let copy = held.clone();
+        assert_eq!(
+            reclaim_buffer(held).capacity(),
+            0,
+            "still held elsewhere: a new buffer"
+        );
+        drop(copy);
     }
 
     #[test]
