@@ -277,17 +277,20 @@ impl Shared {
         Ok(id)
     }
 
-    /// Compresses and encrypts a blob into its kind's pack, and sends the pack on when full. A data pack takes
-    /// one of the pooled buffers when it starts, waiting while all are filling, queued or uploading (tree
-    /// packs, a quarter the size and far fewer, allocate their own).
+    /// Compresses and encrypts a blob into `stored` (the worker's buffer, reused for every blob), adds it to
+    /// its kind's pack, and sends the pack on when full. A data pack takes one of the pooled buffers when it
+    /// starts, waiting while all are filling, queued or uploading (tree packs, a quarter the size and far
+    /// fewer, allocate their own).
     fn pack_blob(
         &self,
         packers: &[Mutex<PackWriter>; 2],
         b: NewBlob,
+        stored: &mut Vec<u8>,
         tx: &tokio::sync::mpsc::Sender<FinishedPack>,
     ) -> Result<()> {
         let keys = self.repo.keys();
-        let stored = pack::encode_blob(keys, b.kind, &b.data, self.repo.config().compression)?;
+        let compression = self.repo.config().compression;
+        pack::encode_blob_into(keys, b.kind, &b.data, compression, stored)?;
         let full = {
             let mut p = packers[(b.kind == BlobKind::Tree) as usize]
                 .lock()
@@ -300,7 +303,7 @@ impl Shared {
                         .ok_or_else(pipeline_stopped)?,
                 );
             }
-            p.add(b.id, b.data.len(), &stored);
+            p.add(b.id, b.data.len(), stored);
             if p.is_full() {
                 Some(p.finish(keys)?)
             } else {
@@ -697,8 +700,10 @@ async fn run(
                             packers.clone(),
                         );
                         std::thread::spawn(move || -> Result<()> {
+                            // Every blob is encoded into this one buffer, then copied into its pack.
+                            let mut encoded = Vec::new();
                             for b in rx {
-                                shared.pack_blob(&packers, b, &tx)?;
+                                shared.pack_blob(&packers, b, &mut encoded, &tx)?;
                             }
                             Ok(())
                         })

@@ -96,15 +96,16 @@ impl Keys {
         seal_with(&self.enc, kind, plaintext)
     }
 
-    /// Encrypts the plaintext that `fill` appends to the buffer it is given, in place: no copy of the
-    /// plaintext is made. `capacity` is the most `fill` will append.
-    pub fn seal_filled(
+    /// Encrypts the plaintext that `fill` appends to `out` (cleared first, its allocation reused), in place:
+    /// no copy of the plaintext is made. `capacity` is the most `fill` will append.
+    pub fn seal_filled_into(
         &self,
         kind: Kind,
         capacity: usize,
+        out: &mut Vec<u8>,
         fill: impl FnOnce(&mut Vec<u8>),
-    ) -> Result<Vec<u8>> {
-        seal_filled_with(&self.enc, kind, capacity, fill)
+    ) -> Result<()> {
+        seal_filled_into(&self.enc, kind, capacity, out, fill)
     }
 
     /// Decrypts and authenticates an envelope.
@@ -145,13 +146,28 @@ fn seal_filled_with(
     capacity: usize,
     fill: impl FnOnce(&mut Vec<u8>),
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(capacity + ENVELOPE_OVERHEAD);
+    let mut out = Vec::new();
+    seal_filled_into(key, kind, capacity, &mut out, fill)?;
+    Ok(out)
+}
+
+/// [`seal_filled_with`] into `out`, which is cleared first: a caller sealing many objects reuses one
+/// allocation for all of them.
+fn seal_filled_into(
+    key: &[u8; 32],
+    kind: Kind,
+    capacity: usize,
+    out: &mut Vec<u8>,
+    fill: impl FnOnce(&mut Vec<u8>),
+) -> Result<()> {
+    out.clear();
+    out.reserve(capacity + ENVELOPE_OVERHEAD);
     out.push(ENVELOPE_VERSION);
     let mut salt = [0u8; SALT_LEN];
     fill_random(&mut salt)?;
     out.extend_from_slice(&salt);
     let start = out.len();
-    fill(&mut out);
+    fill(out);
     let tag = object_key(key, &salt)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0; 12]),
@@ -160,7 +176,7 @@ fn seal_filled_with(
         )
         .map_err(|_| Error::Integrity("encryption failed".into()))?;
     out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    Ok(())
 }
 
 /// Decrypts and authenticates an envelope made by [`seal_with`].

@@ -159,13 +159,26 @@ pub fn encode(
     plaintext: &[u8],
     compression: Option<Compression>,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_into(keys, kind, plaintext, compression, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode`] into `out` (cleared first), reusing its allocation.
+pub fn encode_into(
+    keys: &Keys,
+    kind: Kind,
+    plaintext: &[u8],
+    compression: Option<Compression>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let raw = |body: &mut Vec<u8>| {
         body.push(COMPRESS_NONE);
         body.extend_from_slice(plaintext);
     };
     let how = compression.map_or(COMPRESS_NONE, |c| method(c, plaintext));
     if how == COMPRESS_NONE {
-        return keys.seal_filled(kind, plaintext.len() + 1, raw);
+        return keys.seal_filled_into(kind, plaintext.len() + 1, out, raw);
     }
     let level = match compression {
         Some(Compression::Zstd(l)) => l,
@@ -177,7 +190,7 @@ pub fn encode(
         COMPRESS_LZ4 => lz4_flex::block::get_maximum_output_size(plaintext.len()),
         _ => zstd::zstd_safe::compress_bound(plaintext.len()),
     };
-    keys.seal_filled(kind, (1 + 4 + max).max(plaintext.len() + 1), |body| {
+    keys.seal_filled_into(kind, (1 + 4 + max).max(plaintext.len() + 1), out, |body| {
         let start = body.len();
         body.push(how);
         body.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
@@ -255,6 +268,17 @@ pub fn encode_blob(
     compression: Compression,
 ) -> Result<Vec<u8>> {
     encode(keys, kind.crypto_kind(), plaintext, Some(compression))
+}
+
+/// [`encode_blob`] into `out` (cleared first): a backup worker encodes every blob into one buffer.
+pub fn encode_blob_into(
+    keys: &Keys,
+    kind: BlobKind,
+    plaintext: &[u8],
+    compression: Compression,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    encode_into(keys, kind.crypto_kind(), plaintext, Some(compression), out)
 }
 
 /// Decodes a blob and checks that its plaintext has the expected id.
@@ -496,6 +520,26 @@ mod tests {
             let keys = Keys::generate().expect("keys");
             proptest::prop_assert!(decode(&keys, Kind::Snapshot, &bytes).is_err());
             proptest::prop_assert!(crate::tree::Tree::from_bytes(&bytes).map(|t| t.nodes.is_empty()).unwrap_or(true));
+        }
+    }
+
+    #[test]
+    fn one_buffer_encodes_blob_after_blob_whatever_it_held_before() {
+        let keys = Keys::generate().expect("keys");
+        let mut out = vec![0xEE; 3 << 20];
+        let blobs = [
+            b"text ".repeat(50_000),
+            crate::testdata::pseudo_random(300_000, 7),
+            b"x".to_vec(),
+            Vec::new(),
+        ];
+        for (i, b) in blobs.iter().enumerate() {
+            for c in [Compression::Lz4, Compression::Auto, Compression::Zstd(1)] {
+                encode_blob_into(&keys, BlobKind::Data, b, c, &mut out).expect("encode");
+                let id = keys.blob_id(b);
+                let back = decode_blob(&keys, BlobKind::Data, &id, &out).expect("decodes");
+                assert_eq!(&back, b, "blob {i}, {c:?}");
+            }
         }
     }
 

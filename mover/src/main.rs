@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
 /// stays in the heap (up to 16 MiB free at its top before it is trimmed) and the next one reuses its pages,
 /// where a buffer of its own mapping would fault in and zero every page again and unmap them when freed (a
 /// quarter of a restore's CPU went to that; with these settings its system time fell from 19 to 14 s). Pack
-/// buffers keep their own mappings, pooled by the backup (`ferry_engine::pack::PackBuffers`).
+/// buffers keep their own mappings, pooled by the backup (`ferry_engine::backup`).
 #[allow(unsafe_code)]
 fn tune_malloc() {
     // SAFETY: mallopt only changes allocator parameters; it is called before any other thread exists.
