@@ -297,11 +297,11 @@ impl Shared {
                 .expect("packer lock");
             if b.kind == BlobKind::Data && !p.has_buffer() {
                 let stopped = || tx.is_closed() || self.progress.is_canceled();
-                p.set_buffer(
-                    self.buffers
-                        .take_unless(stopped)
-                        .ok_or_else(pipeline_stopped)?,
-                );
+                let buf = self
+                    .buffers
+                    .take_unless(stopped)
+                    .ok_or_else(pipeline_stopped)?;
+                p.set_buffer(buf, pack::Recycle::new(self.buffers.returner()));
             }
             p.add(b.id, b.data.len(), stored);
             if p.is_full() {
@@ -789,11 +789,12 @@ async fn run(
         tokio::select! {
             p = pack_rx.recv(), if open && uploads.len() < opts.uploads.max(1) => match p {
                 Some(p) => {
-                    let (repo, shared) = (repo.clone(), shared.clone());
+                    let repo = repo.clone();
                     uploads.push(async move {
                         let size = p.bytes.len() as u64;
-                        repo.backend().put(&p.id.key(), p.bytes.clone()).await?;
-                        shared.buffers.give_back(pack::reclaim_buffer(p.bytes));
+                        // The pack's buffer goes back to the pool when the last copy of its bytes is
+                        // dropped (the S3 client may keep one a little longer).
+                        repo.backend().put(&p.id.key(), p.bytes).await?;
                         Ok::<_, Error>(IndexPack { id: p.id, kind: p.header.kind, size, blobs: p.header.blobs })
                     });
                 }

@@ -299,8 +299,50 @@ pub fn decode_blob(keys: &Keys, kind: BlobKind, id: &BlobId, stored: &[u8]) -> R
 pub struct PackWriter {
     kind: BlobKind,
     buf: Vec<u8>,
+    /// Where `buf` goes once the finished pack's bytes are dropped everywhere (a buffer pool).
+    recycle: Option<Recycle>,
     entries: Vec<PackEntry>,
     target: usize,
+}
+
+/// What becomes of a pack's buffer once nothing holds the finished pack's bytes any more, not even a clone
+/// the S3 client keeps for a while after the upload returned: it goes back to the pool it came from, emptied,
+/// so a pool of buffers bounds the packs in memory.
+pub struct Recycle(Box<dyn FnOnce(Vec<u8>) + Send>);
+
+impl Recycle {
+    /// Calls `back` with the emptied buffer.
+    pub fn new(back: impl FnOnce(Vec<u8>) + Send + 'static) -> Self {
+        Recycle(Box::new(back))
+    }
+}
+
+impl std::fmt::Debug for Recycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recycle(..)")
+    }
+}
+
+/// The owner of a finished pack's bytes that recycles its buffer when the last clone of them is dropped.
+struct Recycled {
+    buf: Vec<u8>,
+    recycle: Option<Recycle>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        if let Some(Recycle(back)) = self.recycle.take() {
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
+            back(buf);
+        }
+    }
 }
 
 /// A finished pack, ready to upload.
@@ -320,6 +362,7 @@ impl PackWriter {
         PackWriter {
             kind,
             buf: Vec::new(),
+            recycle: None,
             entries: Vec::new(),
             target,
         }
@@ -327,13 +370,15 @@ impl PackWriter {
 
     /// Whether the pack has a buffer to fill (it has none when new and after [`PackWriter::finish`]).
     pub fn has_buffer(&self) -> bool {
-        self.buf.capacity() > 0
+        self.recycle.is_some() || self.buf.capacity() > 0
     }
 
-    /// Gives the pack an empty buffer to fill, reusing its allocation ([`reclaim_buffer`]).
-    pub fn set_buffer(&mut self, buf: Vec<u8>) {
-        debug_assert!(self.buf.is_empty() && buf.is_empty());
+    /// Gives the pack an empty buffer to fill, reusing its allocation, and where the buffer goes once the
+    /// finished pack's bytes are dropped everywhere.
+    pub fn set_buffer(&mut self, buf: Vec<u8>, recycle: Recycle) {
+        debug_assert!(self.buf.is_empty() && buf.is_empty() && self.recycle.is_none());
         self.buf = buf;
+        self.recycle = Some(recycle);
     }
 
     /// Appends an encoded blob.
@@ -383,20 +428,15 @@ impl PackWriter {
         buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         buf.extend_from_slice(PACK_MAGIC);
         let id = PackId(storage_hash(&buf));
-        Ok(FinishedPack {
-            id,
-            bytes: Bytes::from(buf),
-            header,
-        })
+        let bytes = match self.recycle.take() {
+            Some(recycle) => Bytes::from_owner(Recycled {
+                buf,
+                recycle: Some(recycle),
+            }),
+            None => Bytes::from(buf),
+        };
+        Ok(FinishedPack { id, bytes, header })
     }
-}
-
-/// The allocation of a stored pack's bytes, emptied, to build the next pack in (see
-/// [`PackWriter::set_buffer`]); a new one when something else still holds the bytes.
-pub fn reclaim_buffer(bytes: Bytes) -> Vec<u8> {
-    let mut buf = bytes.try_into_mut().map(Vec::from).unwrap_or_default();
-    buf.clear();
-    buf
 }
 
 /// Reads and checks the header of a whole pack file.
@@ -438,26 +478,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stored_pack_gives_its_allocation_back_unless_its_bytes_are_still_held() {
+    fn a_pack_buffer_is_not_free_again_while_an_upload_still_holds_its_bytes() {
         let keys = Keys::generate().expect("keys");
+        let pool = crate::pool::Pool::new([Vec::new()]);
         let mut w = PackWriter::new(BlobKind::Data, 1 << 20);
-        w.set_buffer(Vec::new());
-        w.add(BlobId([1; 32]), 3, b"abc");
-        let first = w.finish(&keys).expect("finish");
-        let (at, len) = (first.bytes.as_ptr(), first.bytes.len());
-        let upload_copy = first.bytes.clone();
-        drop(upload_copy);
-        let reused = reclaim_buffer(first.bytes);
-        assert_eq!((reused.as_ptr(), reused.is_empty()), (at, true));
-        assert!(reused.capacity() >= len);
-        let held = Bytes::from(vec![1u8; 64]);
-        let copy = held.clone();
-        assert_eq!(
-            reclaim_buffer(held).capacity(),
-            0,
-            "still held elsewhere: a new buffer"
+        w.set_buffer(
+            pool.take_unless(|| false).expect("the buffer"),
+            Recycle::new(pool.returner()),
         );
-        drop(copy);
+        w.add(BlobId([1; 32]), 3, b"abc");
+        let pack = w.finish(&keys).expect("finish");
+        let (at, len) = (pack.bytes.as_ptr(), pack.bytes.len());
+        // The S3 client's copy of the body, dropped some time after the upload returned.
+        let client = pack.bytes.clone();
+        drop(pack);
+        assert!(
+            pool.take_unless(|| true).is_none(),
+            "no second pack buffer while the first lives"
+        );
+        drop(client);
+        let reused = pool
+            .take_unless(|| false)
+            .expect("back once the last copy is gone");
+        assert_eq!(
+            (reused.as_ptr(), reused.is_empty()),
+            (at, true),
+            "the same allocation, emptied"
+        );
+        assert!(reused.capacity() >= len);
     }
 
     #[test]

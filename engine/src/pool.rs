@@ -62,6 +62,19 @@ impl<T: Send> Pool<T> {
         let _ = self.back.try_send(item);
     }
 
+    /// Gives an item back from anywhere, later: for what outlives a borrow of the pool (the owner of a
+    /// pack's bytes, which the uploads share).
+    pub(crate) fn returner(&self) -> impl FnOnce(T) + Send + 'static
+    where
+        T: 'static,
+    {
+        let back = self.back.clone();
+        move |item| {
+            // Never blocks: the pool has room for every item it started with.
+            let _ = back.try_send(item);
+        }
+    }
+
     /// How many items are in the pool now.
     #[cfg(test)]
     pub(crate) fn free(&self) -> usize {

@@ -38,11 +38,21 @@ pub async fn run(b: &dyn Backend) {
     );
     b.delete("config").await.expect("delete config");
 
-    // Put / get / range.
+    // Put / get / range. The backend lets go of what it was given soon after `put` returns (a backup's
+    // pooled pack buffer comes back only then).
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    b.put("data/ab/abcd", Bytes::from(data.clone()))
+    let (given, dropped) = Watched::new(data.clone());
+    b.put("data/ab/abcd", Bytes::from_owner(given))
         .await
         .expect("put");
+    let since = std::time::Instant::now();
+    while !dropped.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(10),
+            "the backend still holds the bytes of a put 10 s after it returned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(b.get("data/ab/abcd").await.expect("get"), data);
     assert_eq!(
         b.get_range("data/ab/abcd", 1000, 5000)
@@ -125,4 +135,26 @@ pub async fn run(b: &dyn Backend) {
     b.delete("index/2").await.expect("delete");
     assert!(matches!(b.get("index/2").await, Err(Error::NotFound(_))));
     assert_eq!(b.list("index/").await.expect("list").len(), 1);
+}
+
+/// Bytes whose drop is seen: the last reference to them is gone.
+struct Watched(Vec<u8>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Watched {
+    fn new(data: Vec<u8>) -> (Self, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (Watched(data, dropped.clone()), dropped)
+    }
+}
+
+impl AsRef<[u8]> for Watched {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }

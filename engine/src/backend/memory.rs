@@ -45,6 +45,8 @@ impl Backend for MemoryBackend {
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let now = self.clock.now();
+        // A copy, as a store makes: the caller's buffer may be pooled (`Backend::put`).
+        let data = Bytes::copy_from_slice(&data);
         self.objects().insert(key.to_string(), (data, now));
         Ok(())
     }
@@ -55,7 +57,7 @@ impl Backend for MemoryBackend {
         if o.contains_key(key) {
             return Ok(false);
         }
-        o.insert(key.to_string(), (data, now));
+        o.insert(key.to_string(), (Bytes::copy_from_slice(&data), now));
         Ok(true)
     }
 

@@ -33,7 +33,9 @@ pub struct ObjectInfo {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Where this backend points, for messages.
     fn location(&self) -> String;
-    /// Stores `data` under `key` atomically (readers see all of it or nothing).
+    /// Stores `data` under `key` atomically (readers see all of it or nothing). Keeps no reference to `data`
+    /// once it returns (a backend that stores in memory copies it): a backup's pack buffer goes back to its
+    /// pool only when every reference is dropped, and the backup waits for it.
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Stores `data` under `key` only if no object has that key; returns whether it was stored. Atomic
     /// against concurrent writers (S3 `If-None-Match: *`, a hard link locally): exactly one of several
