@@ -588,6 +588,7 @@ async fn backup(
     opts: BackupOptions,
     progress: Arc<Progress>,
 ) -> Result<BackupResult> {
+    let _trim = ferry_mover::memory::TrimWhileBackingUp::start();
     let out = ctx
         .with_progress(
             "backup",

@@ -491,9 +491,11 @@ async fn backup(
             None => ParentSpec::None,
         }
     };
+    let trim = crate::memory::TrimWhileBackingUp::start();
     let out = ferry_engine::backup::backup(repo, opts, progress)
         .await
         .map_err(status)?;
+    drop(trim);
     let s = &out.snapshot.summary;
     let doc = s.result(&out.id);
     Ok(api::BackupResult {

@@ -6,6 +6,7 @@
 //!   termination message and exit code the controller reads. The Kubernetes client lives here and only here.
 //! * [`datapath`] — `ferry datapath`, Ferry's engine served as a data path of the API, like any third
 //!   party's.
+//! * [`memory`] — giving a backup's freed heap pages back while it runs.
 //!
 //! The `ferry` binary (`main.rs`, `cli.rs`) parses arguments and prints. Dependencies point inward:
 //! `ferry` binary → [`agent`] → [`events`] → `ferry-proto`; [`datapath`] → `ferry-engine` → `ferry-proto`.
@@ -13,3 +14,4 @@
 pub mod agent;
 pub mod datapath;
 pub mod events;
+pub mod memory;
