@@ -4,7 +4,7 @@
 //! page faults). A backup of many files frees chunk buffers of every size, and the heap kept their pages:
 //! `RssAnon` climbed from 84 to 147 MiB in the last second of a backup of the 20,000-file benchmark set
 //! while the live heap never passed 87 MiB. Trimming every 250 ms during a backup kept that backup at
-//! 104–108 MiB, no slower (`bench/RESULTS.md`, session 14). Restores are not trimmed: there it cost 10–20 %.
+//! 102–106 MiB, no slower (`bench/RESULTS.md`, session 14). Restores are not trimmed: there it cost 10–20 %.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
