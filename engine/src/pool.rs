@@ -56,7 +56,7 @@ impl<T: Send> Pool<T> {
         }
     }
 
-    /// Returns an item taken with [`Pool::take_unless`] (or one made to replace it).
+    /// Returns an item taken with [`Pool::take_unless`].
     pub(crate) fn give_back(&self, item: T) {
         // Never blocks: the pool has room for every item it started with.
         let _ = self.back.try_send(item);
