@@ -7,7 +7,7 @@
 //!   (trees, post-order)                                                 (compress, encrypt, pack)
 //!                                                                               │ full packs
 //!                                               async uploads (N concurrent) ◄──┘
-//!                                               └─► index segment every 64 packs and at the end
+//!                                               └─► index segment every 64 packs or 65,536 blobs, and at the end
 //! ```
 //!
 //! A file larger than [`BackupOptions::segment`] (a large file, a block device) is read as segments at fixed
@@ -17,9 +17,9 @@
 //! one extra chunk per later segment (`design/0001-repository-format.md`, "Chunking"). At most
 //! [`BackupOptions::segment_readers`] readers work on segments at once; the others stay free for small files.
 //!
-//! Memory is set by the options, not the data: a reader holds a 1 MiB read buffer (a chunk within one read is
-//! hashed where it lies and copied only when new to the repository; one spanning reads is gathered once), and
-//! data packs are built in [`BackupOptions::uploads`] + 1 reused pack buffers (a [`Pool`]), so at most that
+//! Memory is set by the options, not the data: a file being read holds a 1 MiB read buffer (a chunk within
+//! one read is hashed where it lies and copied only when new to the repository; one spanning reads is
+//! gathered once), and data packs are built in [`BackupOptions::uploads`] + 1 reused pack buffers (a [`Pool`]), so at most that
 //! many packs fill, wait and upload at once.
 //!
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
@@ -30,7 +30,7 @@
 //! `prune/state` until its snapshot is written, reuses no data from prune's candidates, and does not commit
 //! if the lease lapsed (`design/0003-backup-deletion.md`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
@@ -47,6 +47,7 @@ use crate::chunker::{Chunk, Chunker};
 use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
+use crate::idtable::IdTable;
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
 use crate::lease::{Lease, LeaseKind};
 use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
@@ -131,6 +132,17 @@ fn default_readers(cpus: usize) -> usize {
     (cpus * 4).clamp(4, 16)
 }
 
+/// An index segment is written after this many stored packs...
+const SEGMENT_PACKS: usize = 64;
+/// ...or as soon as the stored packs hold this many blobs (small files: a 16 MiB pack of 1 KiB files holds
+/// 16,000), so the entries waiting for their segment stay a few MiB whatever the files' sizes.
+const SEGMENT_BLOBS: usize = 65_536;
+
+/// Whether `packs` stored packs holding `blobs` blobs are due for an index segment.
+fn segment_due(packs: usize, blobs: usize) -> bool {
+    packs >= SEGMENT_PACKS || blobs >= SEGMENT_BLOBS
+}
+
 /// A blob on its way to a pack.
 struct NewBlob {
     kind: BlobKind,
@@ -198,12 +210,38 @@ impl Content {
     }
 }
 
+/// The readers' chunking buffers (1 MiB each, every page written), lent to one file or segment at a time,
+/// the last one given back first: there are as many as jobs were ever read at once (four on a large
+/// file's segments, up to the readers on many files), not one per reader thread.
+#[derive(Default)]
+struct ReadBuffers(Mutex<Vec<Vec<u8>>>);
+
+impl ReadBuffers {
+    /// A buffer, the most recently given back if any (empty when new: the chunker sizes it).
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .expect("read buffers lock")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Gives a buffer back.
+    fn put(&self, buf: Vec<u8>) {
+        self.0.lock().expect("read buffers lock").push(buf);
+    }
+}
+
 /// State shared by the pipeline's threads.
 struct Shared {
     repo: Arc<Repository>,
     chunker: Chunker,
     index: Arc<Index>,
-    inflight: Mutex<HashSet<BlobId>>,
+    /// Whether `index` names every pack (no prune candidates were left out).
+    index_is_whole: bool,
+    /// Blobs new to the repository that this backup already queued (one entry per new blob: compact, as
+    /// a first backup of millions of small files puts millions here).
+    inflight: Mutex<IdTable<()>>,
     progress: Arc<Progress>,
     rt: tokio::runtime::Handle,
     read_bytes: std::sync::atomic::AtomicU64,
@@ -217,6 +255,8 @@ struct Shared {
     segment: u64,
     /// [`BackupOptions::segment_readers`].
     segment_slots: Pool<()>,
+    /// The readers' read buffers.
+    read_buffers: ReadBuffers,
     /// The buffers of data packs being filled, waiting or uploading: [`BackupOptions::uploads`] + 1, so one
     /// pack fills while the others upload (a full pack waits for a free upload with its buffer).
     buffers: Pool<Vec<u8>>,
@@ -262,7 +302,7 @@ impl Shared {
         if self.index.contains(&id) {
             return Ok(id);
         }
-        if !self.inflight.lock().expect("inflight lock").insert(id) {
+        if !self.inflight.lock().expect("inflight lock").insert(id, ()) {
             return Ok(id);
         }
         if kind == BlobKind::Data {
@@ -277,10 +317,11 @@ impl Shared {
         Ok(id)
     }
 
-    /// Compresses and encrypts a blob into `stored` (the worker's buffer, reused for every blob), adds it to
-    /// its kind's pack, and sends the pack on when full. A data pack takes one of the pooled buffers when it
-    /// starts, waiting while all are filling, queued or uploading (tree packs, a quarter the size and far
-    /// fewer, allocate their own).
+    /// Compresses and encrypts a blob into `stored` (the worker's buffer, reused for every blob) and adds it
+    /// to its kind's pack. A blob that does not fit (`PackWriter::fits`) first sends the pack on, so a pack
+    /// never outgrows its buffer. A data pack takes one of the pooled buffers when it starts, waiting while
+    /// all are filling, queued or uploading (tree packs, a quarter the size and far fewer, allocate their
+    /// own).
     fn pack_blob(
         &self,
         packers: &[Mutex<PackWriter>; 2],
@@ -291,29 +332,28 @@ impl Shared {
         let keys = self.repo.keys();
         let compression = self.repo.config().compression;
         pack::encode_blob_into(keys, b.kind, &b.data, compression, stored)?;
-        let full = {
-            let mut p = packers[(b.kind == BlobKind::Tree) as usize]
-                .lock()
-                .expect("packer lock");
-            if b.kind == BlobKind::Data && !p.has_buffer() {
-                let stopped = || tx.is_closed() || self.progress.is_canceled();
-                let buf = self
-                    .buffers
-                    .take_unless(stopped)
-                    .ok_or_else(pipeline_stopped)?;
-                p.set_buffer(buf, pack::Recycle::new(self.buffers.returner()));
-            }
-            p.add(b.id, b.data.len(), stored);
-            if p.is_full() {
-                Some(p.finish(keys)?)
-            } else {
-                None
-            }
-        };
-        if let Some(f) = full {
-            tx.blocking_send(f).map_err(|_| pipeline_stopped())?;
+        let packer = &packers[(b.kind == BlobKind::Tree) as usize];
+        loop {
+            let full = {
+                let mut p = packer.lock().expect("packer lock");
+                if !p.is_empty() && !p.fits(stored.len()) {
+                    p.finish(keys)?
+                } else {
+                    if b.kind == BlobKind::Data && !p.has_buffer() {
+                        let stopped = || tx.is_closed() || self.progress.is_canceled();
+                        let buf = self
+                            .buffers
+                            .take_unless(stopped)
+                            .ok_or_else(pipeline_stopped)?;
+                        p.set_buffer(buf, pack::Recycle::new(self.buffers.returner()));
+                    }
+                    p.add(b.id, b.data.len(), stored);
+                    return Ok(());
+                }
+            };
+            // Sent with the lock released: another worker may fill the next pack meanwhile.
+            tx.blocking_send(full).map_err(|_| pipeline_stopped())?;
         }
-        Ok(())
     }
 
     /// Reads, chunks and stores one file, or one part of it.
@@ -342,12 +382,8 @@ impl Shared {
         r: impl std::io::Read,
         tx: &cb::Sender<NewBlob>,
     ) -> Result<Vec<BlobId>> {
-        thread_local! {
-            /// Each reader thread's chunking buffer, reused across files.
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let mut ids = Vec::new();
-        let mut buf = BUF.with_borrow_mut(std::mem::take);
+        let mut buf = self.read_buffers.take();
         let r = self.chunker.chunk_stream_in(
             &mut buf,
             r,
@@ -365,13 +401,20 @@ impl Shared {
             },
             |e| Error::io(path, e),
         );
-        BUF.with_borrow_mut(|b| *b = buf);
+        self.read_buffers.put(buf);
         r?;
         Ok(ids)
     }
 
+    /// A tree of the parent snapshot, located through this backup's index when that is the whole index
+    /// (no second copy of it, and no reload after each segment this backup writes); with prune's candidates
+    /// left out of it, through the repository's.
     fn parent_tree(&self, id: &BlobId) -> Result<Tree> {
-        self.rt.block_on(self.repo.read_tree(id))
+        if self.index_is_whole {
+            self.rt.block_on(self.repo.read_tree_via(&self.index, id))
+        } else {
+            self.rt.block_on(self.repo.read_tree(id))
+        }
     }
 }
 
@@ -653,6 +696,7 @@ async fn run(
     let index = Arc::new(repo.load_index_without(&candidates).await?);
     let parent = resolve_parent(&repo, &opts, &path_str, &host).await?;
     let parent_tree = match &parent {
+        Some((_, s)) if candidates.is_empty() => Some(repo.read_tree_via(&index, &s.tree).await?),
         Some((_, s)) => Some(repo.read_tree(&s.tree).await?),
         None => None,
     };
@@ -662,7 +706,8 @@ async fn run(
         chunker: Chunker::new(repo.keys().chunker_key(), repo.config().chunker),
         repo: repo.clone(),
         index,
-        inflight: Mutex::new(HashSet::new()),
+        index_is_whole: candidates.is_empty(),
+        inflight: Mutex::new(IdTable::default()),
         progress: progress.clone(),
         rt: tokio::runtime::Handle::current(),
         read_bytes: Default::default(),
@@ -671,6 +716,7 @@ async fn run(
         drop_cache: opts.drop_cache,
         segment: opts.segment,
         segment_slots: Pool::new(vec![(); opts.segment_readers.max(1)]),
+        read_buffers: ReadBuffers::default(),
         buffers: Pool::new((0..=opts.uploads.max(1)).map(|_| Vec::new())),
     });
     let pack_size = repo.config().pack_size as usize;
@@ -782,6 +828,7 @@ async fn run(
     // Upload packs as they come, and index them.
     let mut uploads = FuturesUnordered::new();
     let mut pending: Vec<IndexPack> = Vec::new();
+    let mut pending_blobs = 0usize;
     let mut stored_bytes = 0u64;
     let mut upload_err: Option<Error> = None;
     let mut open = true;
@@ -804,8 +851,10 @@ async fn run(
                 Ok(ip) => {
                     stored_bytes += ip.size;
                     Progress::add(&progress.bytes_transferred, ip.size);
+                    pending_blobs += ip.blobs.len();
                     pending.push(ip);
-                    if pending.len() >= 64 {
+                    if segment_due(pending.len(), pending_blobs) {
+                        pending_blobs = 0;
                         let seg = IndexSegment { version: INDEX_VERSION, packs: std::mem::take(&mut pending) };
                         if let Err(e) = write_index(&repo, lease, &seg).await { upload_err = Some(e); break; }
                     }
@@ -894,6 +943,31 @@ mod tests {
             ]
         );
         assert_eq!(parts(1 << 40, 0), vec![part(0, None)], "0: never split");
+    }
+
+    #[test]
+    fn read_buffers_are_reused_last_given_back_first() {
+        let b = ReadBuffers::default();
+        assert!(b.take().is_empty(), "none yet: a new one");
+        b.put(vec![1]);
+        b.put(vec![2]);
+        assert_eq!(
+            b.take(),
+            vec![2],
+            "the one given back last, still in the cache"
+        );
+        assert_eq!(b.take(), vec![1]);
+        assert!(b.take().is_empty());
+    }
+
+    #[test]
+    fn packs_of_small_files_get_their_segment_by_blob_count() {
+        assert!(!segment_due(1, 1000));
+        assert!(segment_due(64, 64), "64 packs of big chunks");
+        assert!(
+            segment_due(4, 4 * 16_384),
+            "four 16 MiB packs of 1 KiB files: 64k entries"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod error;
 pub mod forget;
 pub mod fsmeta;
 pub mod id;
+mod idtable;
 pub mod index;
 pub mod lease;
 pub mod open;

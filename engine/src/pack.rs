@@ -356,8 +356,16 @@ pub struct FinishedPack {
     pub header: PackHeader,
 }
 
+/// Most bytes one blob's entry takes in the sealed header: its id and three varints of at most 5 bytes,
+/// with room for LZ4's worst-case growth of incompressible input (1 byte in 255).
+const HEADER_ENTRY_MAX: usize = 48;
+/// Most bytes the sealed header and trailer take besides the entries: the envelope, the header's version,
+/// kind and entry count, LZ4's fixed worst-case growth, the length and the magic.
+const HEADER_FIXED_MAX: usize = ENVELOPE_OVERHEAD + 64;
+
 impl PackWriter {
-    /// An empty pack of `kind` that reports full at about `target` bytes.
+    /// An empty pack of `kind` whose finished pack stays within `target` bytes while blobs are added only
+    /// when they fit ([`PackWriter::fits`]).
     pub fn new(kind: BlobKind, target: usize) -> Self {
         PackWriter {
             kind,
@@ -383,11 +391,10 @@ impl PackWriter {
 
     /// Appends an encoded blob.
     pub fn add(&mut self, id: BlobId, raw_length: usize, stored: &[u8]) {
-        if self.buf.capacity() - self.buf.len() < stored.len() {
-            // Room for the whole pack at once, so it is not reallocated as it fills.
-            let room = self.target + stored.len() + 64 * 1024;
-            self.buf
-                .reserve_exact(room.saturating_sub(self.buf.len()).max(stored.len()));
+        if self.buf.capacity() < self.target {
+            // Room for the whole pack at once, header and trailer included (see `fits`), so it is not
+            // reallocated as it fills.
+            self.buf.reserve_exact(self.target - self.buf.len());
         }
         self.entries.push(PackEntry {
             id,
@@ -398,9 +405,12 @@ impl PackWriter {
         self.buf.extend_from_slice(stored);
     }
 
-    /// True once the pack has reached its target size.
-    pub fn is_full(&self) -> bool {
-        self.buf.len() >= self.target
+    /// Whether a blob of `stored` bytes can join the pack with the whole finished pack (its header and
+    /// trailer too) staying within the target size. A writer that fills only while the next blob fits
+    /// never outgrows a buffer of the target's size.
+    pub fn fits(&self, stored: usize) -> bool {
+        let header = (self.entries.len() + 1) * HEADER_ENTRY_MAX + HEADER_FIXED_MAX;
+        self.buf.len() + stored + header <= self.target
     }
 
     /// True when nothing was added.
@@ -506,6 +516,45 @@ mod tests {
             "the same allocation, emptied"
         );
         assert!(reused.capacity() >= len);
+    }
+
+    /// Packs filled while the next blob fits stay within their target, header and trailer included, and
+    /// never reallocate the buffer they were given: with many tiny blobs (the header dominates) and with
+    /// large ones (the last blob would overshoot).
+    #[test]
+    fn a_pack_filled_while_blobs_fit_stays_within_its_buffer() {
+        let keys = Keys::generate().expect("keys");
+        let target = 256 << 10;
+        for sizes in [
+            (1..200).collect::<Vec<usize>>(),
+            vec![20_000, 31_000, 45_000],
+        ] {
+            let mut w = PackWriter::new(BlobKind::Data, target);
+            w.set_buffer(Vec::with_capacity(target), Recycle::new(|_| {}));
+            let at = w.buf.as_ptr();
+            for i in 0.. {
+                let blob = crate::testdata::pseudo_random(sizes[i % sizes.len()], i as u64);
+                let stored =
+                    encode_blob(&keys, BlobKind::Data, &blob, Compression::Lz4).expect("encode");
+                if !w.fits(stored.len()) {
+                    break;
+                }
+                w.add(keys.blob_id(&blob), blob.len(), &stored);
+            }
+            let pack = w.finish(&keys).expect("finish");
+            assert!(
+                pack.bytes.len() <= target,
+                "{} > {target}",
+                pack.bytes.len()
+            );
+            assert!(pack.bytes.len() > target * 3 / 4, "{}", pack.bytes.len());
+            assert_eq!(
+                pack.bytes.as_ptr(),
+                at,
+                "the buffer given, never reallocated"
+            );
+            read_header(&keys, &pack.id, &pack.bytes).expect("a valid pack");
+        }
     }
 
     #[test]

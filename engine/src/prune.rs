@@ -326,10 +326,10 @@ async fn delete_due(
             let w = writers
                 .entry(header.kind)
                 .or_insert_with(|| PackWriter::new(header.kind, target));
-            w.add(b.id, b.raw_length as usize, stored);
-            if w.is_full() {
+            if !w.is_empty() && !w.fits(stored.len()) {
                 fresh.push(write_pack(repo, header.kind, w).await?);
             }
+            w.add(b.id, b.raw_length as usize, stored);
         }
         report.packs_repacked += 1;
     }

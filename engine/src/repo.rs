@@ -370,22 +370,25 @@ impl Repository {
     }
 
     /// Reads every index segment into a fresh [`Index`], leaving out the packs in `skip` (a backup leaves
-    /// out prune's candidates, so it never reuses their data).
+    /// out prune's candidates, so it never reuses their data). Each segment is merged as it arrives and
+    /// dropped, so loading holds the index and a few segments, not every segment besides. When a segment
+    /// vanished (a prune replaced it) the index is built again from a fresh listing, never from a mix.
     pub async fn load_index_without(&self, skip: &HashSet<PackId>) -> Result<Index> {
-        let segments = self.index_segments().await?;
-        if let Some(c) = &self.cache {
-            c.retain(
-                "index",
-                &segments.iter().map(|(id, _)| id.clone()).collect(),
-            );
-        }
-        let mut index = Index::default();
-        for p in segments.iter().flat_map(|(_, s)| &s.packs) {
-            if !skip.contains(&p.id) {
-                index.add_pack(p);
+        let mut tries = 0;
+        loop {
+            let mut index = Index::default();
+            let merged = self
+                .each_listed_segment(|_, s| {
+                    for p in s.packs.iter().filter(|p| !skip.contains(&p.id)) {
+                        index.add_pack(p);
+                    }
+                })
+                .await;
+            match merged {
+                Err(Error::NotFound(_)) if tries < MAX_RELOCATIONS => tries += 1,
+                r => return r.map(|()| index),
             }
         }
-        Ok(index)
     }
 
     /// Every index segment with its id (the name under `index/`). A segment that vanishes between the
@@ -394,30 +397,39 @@ impl Repository {
     pub async fn index_segments(&self) -> Result<Vec<(String, IndexSegment)>> {
         let mut tries = 0;
         loop {
-            match self.read_listed_segments().await {
+            let mut all = Vec::new();
+            match self.each_listed_segment(|id, s| all.push((id, s))).await {
                 Err(Error::NotFound(_)) if tries < MAX_RELOCATIONS => tries += 1,
-                r => return r,
+                r => return r.map(|()| all),
             }
         }
     }
 
-    async fn read_listed_segments(&self) -> Result<Vec<(String, IndexSegment)>> {
+    /// Lists the index segments and hands each to `f` with its id as it is read ([`FETCH_CONCURRENCY`] at
+    /// once, in no particular order); then drops segments no longer listed from the cache. Fails with
+    /// `NotFound` when a listed segment is gone.
+    async fn each_listed_segment(&self, mut f: impl FnMut(String, IndexSegment)) -> Result<()> {
         let listed = self.backend.list("index/").await?;
-        stream::iter(
-            listed
-                .iter()
-                .map(|o| o.key.trim_start_matches("index/").to_string())
-                .collect::<Vec<_>>(),
-        )
-        .map(|id| async move {
-            let plain = self
-                .read_named(Kind::Index, "index", &format!("index/{id}"), &id)
-                .await?;
-            Ok::<_, Error>((id, IndexSegment::from_bytes(&plain)?))
-        })
-        .buffer_unordered(FETCH_CONCURRENCY)
-        .try_collect()
-        .await
+        let ids: Vec<String> = listed
+            .iter()
+            .map(|o| o.key.trim_start_matches("index/").to_string())
+            .collect();
+        let mut segments = stream::iter(ids.iter().cloned())
+            .map(|id| async move {
+                let plain = self
+                    .read_named(Kind::Index, "index", &format!("index/{id}"), &id)
+                    .await?;
+                Ok::<_, Error>((id, IndexSegment::from_bytes(&plain)?))
+            })
+            .buffer_unordered(FETCH_CONCURRENCY);
+        while let Some((id, s)) = segments.try_next().await? {
+            f(id, s);
+        }
+        drop(segments);
+        if let Some(c) = &self.cache {
+            c.retain("index", &ids.into_iter().collect());
+        }
+        Ok(())
     }
 
     /// Forgets the loaded index (after segments were replaced).
@@ -502,6 +514,18 @@ impl Repository {
     /// Reads and verifies one blob. When its pack is gone (a concurrent prune moved the blob to a new
     /// pack), the index is read again and the blob read from where it is now.
     pub async fn read_blob(&self, kind: BlobKind, id: &BlobId) -> Result<Vec<u8>> {
+        self.read_blob_via(None, kind, id).await
+    }
+
+    /// [`Repository::read_blob`], located through `index` when it names the blob (a backup's own index,
+    /// so its reads of the parent's trees neither load a second copy nor reload after each segment it
+    /// writes), else through the repository's.
+    async fn read_blob_via(
+        &self,
+        index: Option<&Index>,
+        kind: BlobKind,
+        id: &BlobId,
+    ) -> Result<Vec<u8>> {
         let cache_key = id.to_hex();
         if kind == BlobKind::Tree
             && let Some(c) = &self.cache
@@ -512,7 +536,10 @@ impl Repository {
                 Err(_) => c.remove("tree", &cache_key),
             }
         }
-        let mut loc = self.locate(kind, id).await?;
+        let mut loc = match index.and_then(|i| i.get(id)).filter(|l| l.kind == kind) {
+            Some(l) => l,
+            None => self.locate(kind, id).await?,
+        };
         let mut moves = 0;
         let stored = loop {
             match self
@@ -567,6 +594,11 @@ impl Repository {
     /// Reads a tree.
     pub async fn read_tree(&self, id: &BlobId) -> Result<Tree> {
         Tree::from_bytes(&self.read_blob(BlobKind::Tree, id).await?)
+    }
+
+    /// Reads a tree located through `index` where it names it (see `read_blob_via`).
+    pub(crate) async fn read_tree_via(&self, index: &Index, id: &BlobId) -> Result<Tree> {
+        Tree::from_bytes(&self.read_blob_via(Some(index), BlobKind::Tree, id).await?)
     }
 
     /// The pack files in storage with their sizes, and the keys under `data/` that are not pack names.

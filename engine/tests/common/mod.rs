@@ -327,13 +327,15 @@ impl S3Server {
 }
 
 /// A backend that holds every `put` of a key under `prefix` until released: a test can stop an operation
-/// just before it commits (a backup's snapshot, say) and run something else meanwhile.
+/// just before it commits (a backup's snapshot, say) and run something else meanwhile. It also records
+/// the prefixes listed.
 #[derive(Debug)]
 pub struct Gate {
     inner: Arc<dyn Backend>,
     prefix: String,
     entered: tokio::sync::Notify,
     open: tokio::sync::watch::Sender<bool>,
+    listed: std::sync::Mutex<Vec<String>>,
 }
 
 impl Gate {
@@ -343,7 +345,14 @@ impl Gate {
             prefix: prefix.into(),
             entered: tokio::sync::Notify::new(),
             open: tokio::sync::watch::channel(false).0,
+            listed: Default::default(),
         })
+    }
+
+    /// How many times `prefix` was listed.
+    pub fn listings(&self, prefix: &str) -> usize {
+        let listed = self.listed.lock().unwrap();
+        listed.iter().filter(|p| *p == prefix).count()
     }
 
     /// Waits until some `put` under the prefix is being held.
@@ -395,6 +404,7 @@ impl Backend for Gate {
         &self,
         prefix: &str,
     ) -> ferry_engine::Result<Vec<ferry_engine::backend::ObjectInfo>> {
+        self.listed.lock().unwrap().push(prefix.into());
         self.inner.list(prefix).await
     }
     async fn delete(&self, key: &str) -> ferry_engine::Result<()> {
