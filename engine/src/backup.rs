@@ -18,9 +18,10 @@
 //! [`BackupOptions::segment_readers`] readers work on segments at once; the others stay free for small files.
 //!
 //! Memory is set by the options, not the data: a file being read holds a 1 MiB read buffer (a chunk within
-//! one read is hashed where it lies and copied only when new to the repository; one spanning reads is
-//! gathered once), and data packs are built in [`BackupOptions::uploads`] + 1 reused pack buffers (a [`Pool`]), so at most that
-//! many packs fill, wait and upload at once.
+//! one read is hashed where it lies and copied only when new to the repository, after it got one of two
+//! slots per worker ([`BlobSlots`]); one spanning reads is gathered once), and data packs are built in
+//! [`BackupOptions::uploads`] + 1 reused pack buffers (a [`Pool`]), so at most that many packs fill, wait
+//! and upload at once.
 //!
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
 //! interrupted backup leaves only unreferenced packs, never a dangling reference.
@@ -49,10 +50,10 @@ use crate::fsmeta;
 use crate::id::{BlobId, SnapshotId};
 use crate::idtable::IdTable;
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
-use crate::lease::{Lease, LeaseKind};
+use crate::lease::{Lease as RepoLease, LeaseKind};
 use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
 use crate::pagecache::DropBehind;
-use crate::pool::Pool;
+use crate::pool::{Lease, Pool};
 use crate::progress::{Phase, Progress};
 use crate::repo::Repository;
 use crate::snapshot::{SNAPSHOT_VERSION, Snapshot, SourceKind, Summary};
@@ -148,6 +149,56 @@ struct NewBlob {
     kind: BlobKind,
     id: BlobId,
     data: Bytes,
+    /// Its place among the blobs between readers and workers, given back once it is packed.
+    _slot: Lease<()>,
+}
+
+/// The way from the readers (and the walker's trees) to the workers. A new blob takes one of a fixed number
+/// of slots *before* its bytes are copied out of the reader's buffer, and gives it back when a worker has
+/// packed it: readers that wait for busy workers wait without a copy of their chunk, so the chunks in flight
+/// are at most the slots, not the slots plus one per waiting reader.
+struct BlobSlots {
+    slots: Pool<()>,
+    n: usize,
+}
+
+impl BlobSlots {
+    /// `n` slots (at least one).
+    fn new(n: usize) -> Self {
+        let n = n.max(1);
+        BlobSlots {
+            slots: Pool::new(vec![(); n]),
+            n,
+        }
+    }
+
+    /// How many blobs may be in flight: the channel to the workers holds them all without blocking.
+    fn capacity(&self) -> usize {
+        self.n
+    }
+
+    /// Sends blob `id` of `kind` to the workers, made by `data` once a slot is free; gives up, without
+    /// making it, once `stopped()` (the workers are gone or the backup was canceled).
+    fn send(
+        &self,
+        tx: &cb::Sender<NewBlob>,
+        kind: BlobKind,
+        id: BlobId,
+        data: impl FnOnce() -> Bytes,
+        stopped: impl Fn() -> bool,
+    ) -> Result<()> {
+        let slot = self
+            .slots
+            .lease_unless(stopped)
+            .ok_or_else(pipeline_stopped)?;
+        tx.send(NewBlob {
+            kind,
+            id,
+            data: data(),
+            _slot: slot,
+        })
+        .map_err(|_| pipeline_stopped())
+    }
 }
 
 /// A file, or one segment of it, to read.
@@ -245,7 +296,7 @@ struct Shared {
     progress: Arc<Progress>,
     rt: tokio::runtime::Handle,
     read_bytes: std::sync::atomic::AtomicU64,
-    /// Set when the walk failed: readers drop their remaining jobs instead of reading them.
+    /// Set when a worker failed: readers drop their remaining jobs, and blobs stop waiting for a slot.
     stop: std::sync::atomic::AtomicBool,
     /// Id of the all-zero chunk of the chunker's largest size (how long zero runs come), hashed once.
     zero_max: std::sync::OnceLock<BlobId>,
@@ -257,6 +308,8 @@ struct Shared {
     segment_slots: Pool<()>,
     /// The readers' read buffers.
     read_buffers: ReadBuffers,
+    /// The blobs between readers and workers.
+    blob_slots: BlobSlots,
     /// The buffers of data packs being filled, waiting or uploading: [`BackupOptions::uploads`] + 1, so one
     /// pack fills while the others upload (a full pack waits for a free upload with its buffer).
     buffers: Pool<Vec<u8>>,
@@ -308,13 +361,14 @@ impl Shared {
         if kind == BlobKind::Data {
             Progress::add(&self.progress.bytes_new, len as u64);
         }
-        tx.send(NewBlob {
-            kind,
-            id,
-            data: data(),
-        })
-        .map_err(|_| pipeline_stopped())?;
+        self.blob_slots
+            .send(tx, kind, id, data, || self.stopped())?;
         Ok(id)
+    }
+
+    /// Whether the pipeline is being torn down: a worker failed, or the backup was canceled.
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed) || self.progress.is_canceled()
     }
 
     /// Compresses and encrypts a blob into `stored` (the worker's buffer, reused for every blob) and adds it
@@ -389,7 +443,7 @@ impl Shared {
             r,
             |chunk| {
                 self.progress.check()?;
-                if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if self.stopped() {
                     return Err(pipeline_stopped());
                 }
                 let n = chunk.len() as u64;
@@ -406,15 +460,53 @@ impl Shared {
         Ok(ids)
     }
 
-    /// A tree of the parent snapshot, located through this backup's index when that is the whole index
-    /// (no second copy of it, and no reload after each segment this backup writes); with prune's candidates
-    /// left out of it, through the repository's.
+    /// A tree of the parent snapshot ([`read_parent_tree`] through this backup's index).
     fn parent_tree(&self, id: &BlobId) -> Result<Tree> {
-        if self.index_is_whole {
-            self.rt.block_on(self.repo.read_tree_via(&self.index, id))
-        } else {
-            self.rt.block_on(self.repo.read_tree(id))
+        self.rt.block_on(read_parent_tree(
+            &self.repo,
+            &self.index,
+            self.index_is_whole,
+            id,
+        ))
+    }
+
+    /// A worker: packs blobs until the channel closes. On failure (or panic) it stops the pipeline, so
+    /// nothing waits for a slot or buffer that no worker will give back.
+    fn pack_all(
+        &self,
+        blobs: cb::Receiver<NewBlob>,
+        packers: &[Mutex<PackWriter>; 2],
+        tx: &tokio::sync::mpsc::Sender<FinishedPack>,
+    ) -> Result<()> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Every blob is encoded into this one buffer, then copied into its pack.
+            let mut encoded = Vec::new();
+            for b in blobs {
+                self.pack_blob(packers, b, &mut encoded, tx)?;
+            }
+            Ok(())
+        }))
+        .unwrap_or_else(|_| Err(Error::Invalid("a backup worker panicked".into())));
+        if r.is_err() {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        r
+    }
+}
+
+/// A tree of the parent snapshot, located through `index` when that is the whole index (`index_is_whole`:
+/// no second copy of it, and no reload after each segment this backup writes); with prune's candidates
+/// left out of it, through the repository's.
+async fn read_parent_tree(
+    repo: &Repository,
+    index: &Index,
+    index_is_whole: bool,
+    id: &BlobId,
+) -> Result<Tree> {
+    if index_is_whole {
+        repo.read_tree_via(index, id).await
+    } else {
+        repo.read_tree(id).await
     }
 }
 
@@ -660,7 +752,7 @@ async fn resolve_parent(
 
 /// Writes an index segment while the lease holds: once a prune may have presumed this backup dead (and
 /// deleted its packs as garbage), it must not name them in an index.
-async fn write_index(repo: &Repository, lease: &Lease, segment: &IndexSegment) -> Result<()> {
+async fn write_index(repo: &Repository, lease: &RepoLease, segment: &IndexSegment) -> Result<()> {
     lease.ensure_held().await?;
     repo.write_index(segment).await.map(|_| ())
 }
@@ -675,7 +767,7 @@ pub async fn backup(
     std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
     // The lease first, naming the state generation seen so far; then the state it protects against.
     let seen = crate::candidates::load(&repo).await?.generation;
-    let lease = Lease::acquire(repo.clone(), LeaseKind::Backup, seen).await?;
+    let lease = RepoLease::acquire(repo.clone(), LeaseKind::Backup, seen).await?;
     let r = run(repo, opts, path, &lease, progress).await;
     lease.release().await;
     r
@@ -685,7 +777,7 @@ async fn run(
     repo: Arc<Repository>,
     opts: BackupOptions,
     path: PathBuf,
-    lease: &Lease,
+    lease: &RepoLease,
     progress: Arc<Progress>,
 ) -> Result<BackupOutcome> {
     let started = Instant::now();
@@ -695,9 +787,9 @@ async fn run(
     let candidates = crate::candidates::load(&repo).await?.packs();
     let index = Arc::new(repo.load_index_without(&candidates).await?);
     let parent = resolve_parent(&repo, &opts, &path_str, &host).await?;
+    let index_is_whole = candidates.is_empty();
     let parent_tree = match &parent {
-        Some((_, s)) if candidates.is_empty() => Some(repo.read_tree_via(&index, &s.tree).await?),
-        Some((_, s)) => Some(repo.read_tree(&s.tree).await?),
+        Some((_, s)) => Some(read_parent_tree(&repo, &index, index_is_whole, &s.tree).await?),
         None => None,
     };
     progress.set_phase(Phase::Running);
@@ -706,7 +798,7 @@ async fn run(
         chunker: Chunker::new(repo.keys().chunker_key(), repo.config().chunker),
         repo: repo.clone(),
         index,
-        index_is_whole: candidates.is_empty(),
+        index_is_whole,
         inflight: Mutex::new(IdTable::default()),
         progress: progress.clone(),
         rt: tokio::runtime::Handle::current(),
@@ -717,6 +809,8 @@ async fn run(
         segment: opts.segment,
         segment_slots: Pool::new(vec![(); opts.segment_readers.max(1)]),
         read_buffers: ReadBuffers::default(),
+        // Two per worker: one being packed, one queued.
+        blob_slots: BlobSlots::new(opts.workers.max(1) * 2),
         buffers: Pool::new((0..=opts.uploads.max(1)).map(|_| Vec::new())),
     });
     let pack_size = repo.config().pack_size as usize;
@@ -731,7 +825,7 @@ async fn run(
             .name("ferry-walk".into())
             .spawn(move || -> Result<(BlobId, WalkStats)> {
                 start_scan(&path, opts.block_device, &shared.progress);
-                let (blob_tx, blob_rx) = cb::bounded::<NewBlob>(opts.workers.max(1) * 2);
+                let (blob_tx, blob_rx) = cb::bounded::<NewBlob>(shared.blob_slots.capacity());
                 let (job_tx, job_rx) = cb::bounded::<FileJob>(256);
                 let packers = Arc::new([
                     Mutex::new(PackWriter::new(BlobKind::Data, pack_size)),
@@ -745,14 +839,7 @@ async fn run(
                             shared.clone(),
                             packers.clone(),
                         );
-                        std::thread::spawn(move || -> Result<()> {
-                            // Every blob is encoded into this one buffer, then copied into its pack.
-                            let mut encoded = Vec::new();
-                            for b in rx {
-                                shared.pack_blob(&packers, b, &mut encoded, &tx)?;
-                            }
-                            Ok(())
-                        })
+                        std::thread::spawn(move || shared.pack_all(rx, &packers, &tx))
                     })
                     .collect();
                 drop(blob_rx);
@@ -968,6 +1055,53 @@ mod tests {
             segment_due(4, 4 * 16_384),
             "four 16 MiB packs of 1 KiB files: 64k entries"
         );
+    }
+
+    #[test]
+    fn a_blob_waits_for_a_slot_before_its_bytes_are_copied() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let slots = BlobSlots::new(2);
+        let (tx, rx) = cb::bounded::<NewBlob>(slots.capacity());
+        let copies = AtomicUsize::new(0);
+        let send = |n: u8| {
+            slots.send(
+                &tx,
+                BlobKind::Data,
+                BlobId([n; 32]),
+                || {
+                    copies.fetch_add(1, Ordering::SeqCst);
+                    Bytes::from(vec![n; 1024])
+                },
+                || false,
+            )
+        };
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| (1..=3).try_for_each(send));
+            while rx.len() < 2 {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let copied_while_full = copies.load(Ordering::SeqCst);
+            drop(rx.recv().expect("the first blob"));
+            reader.join().expect("no panic").expect("all three sent");
+            assert_eq!(
+                copied_while_full, 2,
+                "the third blob waits for a slot with its bytes still uncopied"
+            );
+        });
+        assert_eq!(
+            copies.load(Ordering::SeqCst),
+            3,
+            "once packed, its slot freed"
+        );
+        let stopped = slots.send(
+            &tx,
+            BlobKind::Data,
+            BlobId([9; 32]),
+            || unreachable!("no copy for a stopped pipeline"),
+            || true,
+        );
+        assert!(stopped.is_err(), "all slots out and the workers gone");
     }
 
     #[test]

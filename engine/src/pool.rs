@@ -1,7 +1,7 @@
 //! A fixed set of reusable items shared by threads: take one, waiting while all are out, and give it back.
 //! The backup bounds two things with it: the pack buffers (a pool of `Vec<u8>`, so packs filling, queued
-//! and uploading never hold more than that many) and the readers working on file segments (a pool of `()`,
-//! a counting semaphore).
+//! and uploading never hold more than that many), and with pools of `()` (counting semaphores) the readers
+//! working on file segments and the chunks on their way from the readers to the workers.
 
 use std::time::Duration;
 
@@ -16,9 +16,9 @@ pub(crate) struct Pool<T> {
     back: Sender<T>,
 }
 
-/// An item taken with [`Pool::lease`], given back when dropped.
-pub(crate) struct Lease<'a, T: Send> {
-    pool: &'a Pool<T>,
+/// An item taken with [`Pool::lease`] or [`Pool::lease_unless`], given back when dropped, on any thread.
+pub(crate) struct Lease<T: Send> {
+    back: Sender<T>,
     item: Option<T>,
 }
 
@@ -35,16 +35,25 @@ impl<T: Send> Pool<T> {
     }
 
     /// Takes an item until the lease is dropped, waiting while all are out.
-    pub(crate) fn lease(&self) -> Lease<'_, T> {
+    pub(crate) fn lease(&self) -> Lease<T> {
         // The pool holds a sender itself, so the channel never disconnects.
         let item = self.free.recv().expect("the pool outlives its takers");
+        self.leased(item)
+    }
+
+    /// [`Pool::lease`], or `None` once `stopped()` says none will come back (as [`Pool::take_unless`]).
+    pub(crate) fn lease_unless(&self, stopped: impl Fn() -> bool) -> Option<Lease<T>> {
+        self.take_unless(stopped).map(|item| self.leased(item))
+    }
+
+    fn leased(&self, item: T) -> Lease<T> {
         Lease {
-            pool: self,
+            back: self.back.clone(),
             item: Some(item),
         }
     }
 
-    /// Takes an item to keep until [`Pool::give_back`], waiting while all are out. `None` once `stopped()`
+    /// Takes an item to keep until given back (through [`Pool::returner`]), waiting while all are out. `None` once `stopped()`
     /// says none will come back (asked every 100 ms while waiting).
     pub(crate) fn take_unless(&self, stopped: impl Fn() -> bool) -> Option<T> {
         loop {
@@ -54,12 +63,6 @@ impl<T: Send> Pool<T> {
                 Err(_) => {}
             }
         }
-    }
-
-    /// Returns an item taken with [`Pool::take_unless`].
-    pub(crate) fn give_back(&self, item: T) {
-        // Never blocks: the pool has room for every item it started with.
-        let _ = self.back.try_send(item);
     }
 
     /// Gives an item back from anywhere, later: for what outlives a borrow of the pool (the owner of a
@@ -82,10 +85,11 @@ impl<T: Send> Pool<T> {
     }
 }
 
-impl<T: Send> Drop for Lease<'_, T> {
+impl<T: Send> Drop for Lease<T> {
     fn drop(&mut self) {
         if let Some(item) = self.item.take() {
-            self.pool.give_back(item);
+            // Never blocks: the pool has room for every item it started with.
+            let _ = self.back.try_send(item);
         }
     }
 }
@@ -107,9 +111,20 @@ mod tests {
         assert_eq!(pool.free(), 1, "a dropped lease gives its item back");
         let back = pool.take_unless(|| false).expect("the item given back");
         assert_eq!(back, 1, "the first lease's item");
-        pool.give_back(back);
+        pool.returner()(back);
         drop(b);
         assert_eq!(pool.free(), 2);
+    }
+
+    #[test]
+    fn a_lease_taken_unless_stopped_goes_back_from_another_thread() {
+        let pool = Pool::new([()]);
+        let lease = pool.lease_unless(|| false).expect("the one item");
+        assert!(pool.lease_unless(|| true).is_none(), "all out, and stopped");
+        std::thread::spawn(move || drop(lease))
+            .join()
+            .expect("no panic");
+        assert_eq!(pool.free(), 1, "dropped on another thread, given back");
     }
 
     #[test]
@@ -119,7 +134,7 @@ mod tests {
         std::thread::scope(|s| {
             let waiter = s.spawn(|| pool.take_unless(|| false));
             std::thread::sleep(Duration::from_millis(50));
-            pool.give_back(item);
+            pool.returner()(item);
             assert_eq!(waiter.join().expect("no panic"), Some(7));
         });
     }
