@@ -112,6 +112,11 @@ impl Keys {
     pub fn open(&self, kind: Kind, envelope: &[u8]) -> Result<Vec<u8>> {
         open_with(&self.enc, kind, envelope)
     }
+
+    /// [`Keys::open`] where the envelope lies; the plaintext is a part of `envelope`.
+    pub fn open_in_place<'a>(&self, kind: Kind, envelope: &'a mut [u8]) -> Result<&'a mut [u8]> {
+        open_in_place_with(&self.enc, kind, envelope)
+    }
 }
 
 impl std::fmt::Debug for Keys {
@@ -181,6 +186,26 @@ fn seal_filled_into(
 
 /// Decrypts and authenticates an envelope made by [`seal_with`].
 pub fn open_with(key: &[u8; 32], kind: Kind, envelope: &[u8]) -> Result<Vec<u8>> {
+    check_envelope(kind, envelope)?;
+    let mut buf = envelope[1 + SALT_LEN..].to_vec();
+    let len = open_ciphertext(key, kind, &envelope[1..1 + SALT_LEN], &mut buf)?.len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// [`open_with`] where the envelope lies, without a copy: the plaintext is a part of `envelope`.
+pub fn open_in_place_with<'a>(
+    key: &[u8; 32],
+    kind: Kind,
+    envelope: &'a mut [u8],
+) -> Result<&'a mut [u8]> {
+    check_envelope(kind, envelope)?;
+    let (head, ciphertext) = envelope.split_at_mut(1 + SALT_LEN);
+    open_ciphertext(key, kind, &head[1..], ciphertext)
+}
+
+/// Checks an envelope's length and version.
+fn check_envelope(kind: Kind, envelope: &[u8]) -> Result<()> {
     if envelope.len() < ENVELOPE_OVERHEAD {
         return Err(Error::Integrity(format!(
             "{kind:?} object truncated ({} bytes)",
@@ -193,22 +218,27 @@ pub fn open_with(key: &[u8; 32], kind: Kind, envelope: &[u8]) -> Result<Vec<u8>>
             envelope[0]
         )));
     }
-    let salt = &envelope[1..1 + SALT_LEN];
-    let mut buf = envelope[1 + SALT_LEN..].to_vec();
-    let len = object_key(key, salt)
+    Ok(())
+}
+
+/// Decrypts and authenticates `ciphertext || tag` in place; returns the plaintext part.
+fn open_ciphertext<'a>(
+    key: &[u8; 32],
+    kind: Kind,
+    salt: &[u8],
+    ciphertext: &'a mut [u8],
+) -> Result<&'a mut [u8]> {
+    object_key(key, salt)
         .open_in_place(
             Nonce::assume_unique_for_key([0; 12]),
             Aad::from([kind as u8]),
-            &mut buf,
+            ciphertext,
         )
         .map_err(|_| {
             Error::Integrity(format!(
                 "{kind:?} object failed authentication (corrupt, tampered or wrong key)"
             ))
-        })?
-        .len();
-    buf.truncate(len);
-    Ok(buf)
+        })
 }
 
 /// Argon2id parameters of a key file.

@@ -229,18 +229,33 @@ fn zstd_compress(plaintext: &[u8], out: &mut [u8], level: i32) -> Option<usize> 
 /// Decrypts and decompresses an object made by [`encode`].
 pub fn decode(keys: &Keys, kind: Kind, stored: &[u8]) -> Result<Vec<u8>> {
     let mut body = keys.open(kind, stored)?;
+    if body.first() == Some(&COMPRESS_NONE) {
+        // Drop the flag byte in place rather than copying the rest into a new allocation.
+        body.copy_within(1.., 0);
+        body.truncate(body.len() - 1);
+        return Ok(body);
+    }
+    Ok(unpack(kind, &body)?.into_owned())
+}
+
+/// A decoded object: where it was stored (it was stored uncompressed), or decompressed into its own buffer.
+pub type Plain<'a> = std::borrow::Cow<'a, [u8]>;
+
+/// [`decode`] where `stored` lies: decrypted in place, and an uncompressed object (most of a repository's
+/// data, for incompressible content) is not copied at all. For a restore, which owns the ranges it fetched.
+pub fn decode_in_place<'a>(keys: &Keys, kind: Kind, stored: &'a mut [u8]) -> Result<Plain<'a>> {
+    unpack(kind, keys.open_in_place(kind, stored)?)
+}
+
+/// The object in a decrypted body: its compression flag byte, then the content.
+fn unpack(kind: Kind, body: &[u8]) -> Result<Plain<'_>> {
+    let bad = |e: String| Error::Integrity(format!("{kind:?} object does not decompress: {e}"));
     match body.first() {
-        Some(&COMPRESS_NONE) => {
-            // Drop the flag byte in place rather than copying the rest into a new allocation.
-            body.copy_within(1.., 0);
-            body.truncate(body.len() - 1);
-            Ok(body)
-        }
+        Some(&COMPRESS_NONE) => Ok(Plain::Borrowed(&body[1..])),
         Some(&COMPRESS_LZ4) => lz4_flex::decompress_size_prepended(&body[1..])
-            .map_err(|e| Error::Integrity(format!("{kind:?} object does not decompress: {e}"))),
+            .map(Plain::Owned)
+            .map_err(|e| bad(e.to_string())),
         Some(&COMPRESS_ZSTD) => {
-            let bad =
-                |e: String| Error::Integrity(format!("{kind:?} object does not decompress: {e}"));
             let len = body
                 .get(1..5)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -252,7 +267,7 @@ pub fn decode(keys: &Keys, kind: Kind, stored: &[u8]) -> Result<Vec<u8>> {
                     plain.len()
                 )));
             }
-            Ok(plain)
+            Ok(Plain::Owned(plain))
         }
         other => Err(Error::Format(format!(
             "{kind:?} object has unknown compression {other:?}"
@@ -285,13 +300,32 @@ pub fn encode_blob_into(
 pub fn decode_blob(keys: &Keys, kind: BlobKind, id: &BlobId, stored: &[u8]) -> Result<Vec<u8>> {
     let plain = decode(keys, kind.crypto_kind(), stored)
         .map_err(|e| Error::Integrity(format!("blob {}: {e}", id.short())))?;
-    if keys.blob_id(&plain) != *id {
+    check_blob_id(keys, id, &plain)?;
+    Ok(plain)
+}
+
+/// [`decode_blob`] where `stored` lies ([`decode_in_place`]).
+pub fn decode_blob_in_place<'a>(
+    keys: &Keys,
+    kind: BlobKind,
+    id: &BlobId,
+    stored: &'a mut [u8],
+) -> Result<Plain<'a>> {
+    let plain = decode_in_place(keys, kind.crypto_kind(), stored)
+        .map_err(|e| Error::Integrity(format!("blob {}: {e}", id.short())))?;
+    check_blob_id(keys, id, &plain)?;
+    Ok(plain)
+}
+
+/// Checks that a decoded blob is the one its id names.
+fn check_blob_id(keys: &Keys, id: &BlobId, plain: &[u8]) -> Result<()> {
+    if keys.blob_id(plain) != *id {
         return Err(Error::Integrity(format!(
             "blob {} does not match its id",
             id.short()
         )));
     }
-    Ok(plain)
+    Ok(())
 }
 
 /// Collects encoded blobs into one pack.
@@ -700,6 +734,15 @@ mod tests {
                 assert_eq!(method_of(&keys, &stored), want, "{c} on {name}");
                 let back = decode_blob(&keys, BlobKind::Data, &id, &stored).expect("decode");
                 assert!(back == *data, "{c} on {name}: round trip");
+                let mut in_place = stored.clone();
+                let back = decode_blob_in_place(&keys, BlobKind::Data, &id, &mut in_place)
+                    .expect("decode in place");
+                assert!(*back == **data, "{c} on {name}: round trip in place");
+                assert_eq!(
+                    matches!(back, Plain::Borrowed(_)),
+                    want == COMPRESS_NONE,
+                    "{c} on {name}: only an uncompressed blob is read where it lies"
+                );
             }
         }
         // Zstandard is what makes text small.
@@ -709,6 +752,26 @@ mod tests {
                 .len()
         };
         assert!(size(Compression::Zstd(3)) * 3 < size(Compression::Lz4) * 2);
+    }
+
+    #[test]
+    fn a_tampered_or_misnamed_blob_fails_in_place_as_it_does_in_a_copy() {
+        let keys = Keys::generate().expect("keys");
+        let data = crate::testdata::pseudo_random(4096, 1);
+        let id = keys.blob_id(&data);
+        let stored = encode_blob(&keys, BlobKind::Data, &data, Compression::Lz4).expect("encode");
+        let mut flipped = stored.clone();
+        flipped[40] ^= 1;
+        let e = decode_blob_in_place(&keys, BlobKind::Data, &id, &mut flipped)
+            .expect_err("a flipped bit decodes");
+        assert!(matches!(e, Error::Integrity(_)), "{e:?}");
+        let other = keys.blob_id(b"another blob");
+        let e = decode_blob_in_place(&keys, BlobKind::Data, &other, &mut stored.clone())
+            .expect_err("a blob under another id decodes");
+        assert!(e.to_string().contains("does not match its id"), "{e}");
+        let e = decode_blob_in_place(&keys, BlobKind::Data, &id, &mut stored[..20].to_vec())
+            .expect_err("a truncated blob decodes");
+        assert!(matches!(e, Error::Integrity(_)), "{e:?}");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!    batch goes through a channel of one, so memory is bounded whatever the size of the tree and the
 //!    planner walks ahead while the previous batch is written.
 //! 2. Per batch: group the chunks by pack, merge nearby ones into ranged reads, fetch in parallel, decrypt
-//!    and verify every chunk against its id, write it at its offsets (all-zero chunks are skipped with
+//!    (in the fetched range itself: a chunk stored uncompressed is written from there, never copied) and
+//!    verify every chunk against its id, write it at its offsets (all-zero chunks are skipped with
 //!    `--sparse`); then the metadata of the files whose last chunk was in the batch.
 //!    With [`RestoreOptions::drop_cache`], the pages written to files of several chunks and to devices leave
 //!    the page cache once on disk (`crate::pagecache::WriteBehind`).
@@ -30,7 +31,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
@@ -669,14 +670,18 @@ async fn write_batch(
                         writer.clone(),
                     );
                     let w = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+                        // Blobs are decrypted where they arrived: the range is this task's alone.
+                        let mut bytes = bytes
+                            .try_into_mut()
+                            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
                         let mut warnings = Vec::new();
                         for (id, off, len, raw) in &r.blobs {
                             let s = (off - r.start) as usize;
-                            let data = pack::decode_blob(
+                            let data = pack::decode_blob_in_place(
                                 repo.keys(),
                                 BlobKind::Data,
                                 id,
-                                &bytes[s..s + *len as usize],
+                                &mut bytes[s..s + *len as usize],
                             )?;
                             let targets = &batch.targets[id];
                             warnings.extend(write_chunk(&batch, targets, &data, &writer)?);
