@@ -159,22 +159,19 @@ struct NewBlob {
 /// are at most the slots, not the slots plus one per waiting reader.
 struct BlobSlots {
     slots: Pool<()>,
-    n: usize,
 }
 
 impl BlobSlots {
     /// `n` slots (at least one).
     fn new(n: usize) -> Self {
-        let n = n.max(1);
         BlobSlots {
-            slots: Pool::new(vec![(); n]),
-            n,
+            slots: Pool::new(vec![(); n.max(1)]),
         }
     }
 
     /// How many blobs may be in flight: the channel to the workers holds them all without blocking.
     fn capacity(&self) -> usize {
-        self.n
+        self.slots.size()
     }
 
     /// Sends blob `id` of `kind` to the workers, made by `data` once a slot is free; gives up, without

@@ -53,8 +53,8 @@ impl<T: Send> Pool<T> {
         }
     }
 
-    /// Takes an item to keep until given back (through [`Pool::returner`]), waiting while all are out. `None` once `stopped()`
-    /// says none will come back (asked every 100 ms while waiting).
+    /// Takes an item to keep until given back (through [`Pool::returner`]), waiting while all are out.
+    /// `None` once `stopped()` says none will come back (asked every 100 ms while waiting).
     pub(crate) fn take_unless(&self, stopped: impl Fn() -> bool) -> Option<T> {
         loop {
             match self.free.recv_timeout(STOP_POLL) {
@@ -76,6 +76,11 @@ impl<T: Send> Pool<T> {
             // Never blocks: the pool has room for every item it started with.
             let _ = back.try_send(item);
         }
+    }
+
+    /// How many items the pool was made with.
+    pub(crate) fn size(&self) -> usize {
+        self.back.capacity().expect("a pool's channel is bounded")
     }
 
     /// How many items are in the pool now.
@@ -114,6 +119,7 @@ mod tests {
         pool.returner()(back);
         drop(b);
         assert_eq!(pool.free(), 2);
+        assert_eq!(pool.size(), 2);
     }
 
     #[test]
