@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use ferry_proto::velero::{Backup, DataDownload, DataUpload};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Node, PersistentVolumeClaim, Pod};
 use kube::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -109,7 +109,9 @@ where
 
 /// Runs both reconcilers until shutdown.
 pub async fn run(ctx: Arc<Context>) {
-    let pods_cfg = watcher::Config::default().labels(&format!(
+    // Pods and PVCs carry these labels; a change of one (a PVC bound or deleted, a pod's phase) wakes its
+    // owner at once rather than at its next poll.
+    let children_cfg = watcher::Config::default().labels(&format!(
         "{}={}",
         ferry_proto::labels::MANAGED_BY,
         ferry_proto::labels::MANAGED_BY_VALUE
@@ -122,7 +124,8 @@ pub async fn run(ctx: Arc<Context>) {
     let (wake_uploads, wake_downloads) = triggers.into_streams();
     let uploads = Controller::new(ctx.watched::<DataUpload>(), watcher::Config::default())
         .reconcile_on(wake_uploads)
-        .owns(ctx.watched::<Pod>(), pods_cfg.clone())
+        .owns(ctx.watched::<Pod>(), children_cfg.clone())
+        .owns(ctx.watched::<PersistentVolumeClaim>(), children_cfg.clone())
         .watches(
             ctx.watched::<Event>(),
             events_cfg.clone(),
@@ -131,7 +134,8 @@ pub async fn run(ctx: Arc<Context>) {
         .shutdown_on_signal();
     let downloads = Controller::new(ctx.watched::<DataDownload>(), watcher::Config::default())
         .reconcile_on(wake_downloads)
-        .owns(ctx.watched::<Pod>(), pods_cfg)
+        .owns(ctx.watched::<Pod>(), children_cfg.clone())
+        .owns(ctx.watched::<PersistentVolumeClaim>(), children_cfg)
         .watches(
             ctx.watched::<Event>(),
             events_cfg,

@@ -468,16 +468,16 @@ pub fn state(pod: &Pod) -> PodState {
             .and_then(|s| s.terminated.clone())
             .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.clone()))
     });
+    // The agent's exit 0 is final (`restartPolicy: Never`) and carries the result; the kubelet marks the
+    // pod Succeeded only after it has also stopped the data-path sidecar, about 3 s later. Any other exit
+    // waits for the phase, which brings an eviction's reason with it.
+    let agent_succeeded = container
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+        .is_some_and(|t| t.exit_code == 0);
     match status.phase.as_deref() {
-        Some("Succeeded") => PodState::Succeeded {
-            node,
-            message: terminated
-                .and_then(|t| t.message)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        },
+        Some("Succeeded") => succeeded(node, terminated),
         Some("Failed") => failed(status, terminated, &node),
+        _ if agent_succeeded => succeeded(node, terminated),
         Some("Running") => PodState::Running { node },
         _ => {
             let sidecar = status
@@ -486,6 +486,18 @@ pub fn state(pod: &Pod) -> PodState {
                 .and_then(|c| c.iter().find(|c| c.name == DATAPATH_CONTAINER));
             pending(status, sidecar, container)
         }
+    }
+}
+
+/// The agent's exit 0: the result is its termination message.
+fn succeeded(node: String, terminated: Option<ContainerStateTerminated>) -> PodState {
+    PodState::Succeeded {
+        node,
+        message: terminated
+            .and_then(|t| t.message)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     }
 }
 
@@ -899,6 +911,33 @@ pub(crate) mod tests {
         ));
         assert!(
             matches!(unsched, PodState::Pending { waiting: Some(ref w), fatal: None } if w.contains("0/1 nodes"))
+        );
+    }
+
+    /// The agent's exit 0 is final (`restartPolicy: Never`): the outcome is read from it at once, not
+    /// seconds later when the kubelet has also stopped the data-path sidecar and marks the pod Succeeded.
+    /// Any other exit still waits for the pod's phase (an eviction's reason comes with it).
+    #[test]
+    fn the_agents_exit_0_decides_before_the_sidecar_is_stopped() {
+        let agent = |terminated: serde_json::Value| {
+            json!({"phase": "Running",
+                "initContainerStatuses": [{"name": "datapath", "image": "i", "imageID": "",
+                    "ready": true, "restartCount": 0, "state": {"running": {}}}],
+                "containerStatuses": [{"name": "mover", "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"terminated": terminated}}]})
+        };
+        assert_eq!(
+            state(&pod(agent(
+                json!({"exitCode": 0, "message": "{\"a\":1}\n"})
+            ))),
+            PodState::Succeeded {
+                node: "n1".into(),
+                message: "{\"a\":1}".into()
+            }
+        );
+        assert_eq!(
+            state(&pod(agent(json!({"exitCode": 1, "message": "boom"})))),
+            PodState::Running { node: "n1".into() }
         );
     }
 
