@@ -29,6 +29,10 @@ pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 
 /// How soon to look again for a target PVC that is not there yet.
 const ADMIT_REQUEUE: Duration = Duration::from_secs(2);
+/// The same while the DataDownload is younger than [`FRESH`]: Velero creates the target PVC right after it.
+const FRESH_REQUEUE: Duration = Duration::from_millis(200);
+/// How long a DataDownload counts as just created.
+const FRESH: Duration = Duration::from_secs(5);
 
 /// The target PVC, if it exists.
 pub async fn target_pvc(dd: &DataDownload, ctx: &Context) -> Result<Option<PersistentVolumeClaim>> {
@@ -58,7 +62,11 @@ pub async fn admissible(dd: &DataDownload, ctx: &Context) -> Result<Step> {
                 "waiting for the target PVC {}/{} to be created (fails after {limit}s, spec.operationTimeout)",
                 t.namespace, t.pvc
             ),
-            ADMIT_REQUEUE,
+            if age < FRESH {
+                FRESH_REQUEUE
+            } else {
+                ADMIT_REQUEUE
+            },
         ));
     };
     match target.spec.and_then(|s| s.volume_name) {
@@ -302,7 +310,7 @@ pub async fn cleanup(dd: &DataDownload, ctx: &Context) -> Result<usize> {
 mod tests {
     //! Each step of the restore exposer against kube's mock service: the requests it makes and its outcome.
     use super::*;
-    use crate::testing::{Seen, ctx, dd, echo_or, empty_list, ok, serve};
+    use crate::testing::{Seen, ago, ctx, dd, echo_or, empty_list, ok, serve};
     use http::Method;
 
     fn target(volume: Option<&str>) -> serde_json::Value {
@@ -346,6 +354,30 @@ mod tests {
         );
         drop(ctx);
         assert_eq!(server.await.expect("server").len(), 3);
+    }
+
+    /// Velero creates the target PVC right after the DataDownload: a new DataDownload looks again soon,
+    /// not 2 s later (which was most of a small restore's wait before its pod).
+    #[tokio::test]
+    async fn a_new_download_looks_for_its_target_pvc_again_soon() {
+        let (ctx, handle) = ctx();
+        let server = serve(handle, |_: &Seen| crate::testing::failure(404, "NotFound"));
+        let new = dd(json!(null), |v| {
+            v["metadata"]["creationTimestamp"] = json!(ago(0))
+        });
+        let old = dd(json!(null), |_| {});
+        let requeue = |s: Step| match s {
+            Step::Wait { requeue, .. } => requeue,
+            other => panic!("not a wait: {other:?}"),
+        };
+        let soon = requeue(admissible(&new, &ctx).await.expect("admit"));
+        assert!(soon <= Duration::from_millis(250), "{soon:?}");
+        assert_eq!(
+            requeue(admissible(&old, &ctx).await.expect("admit")),
+            ADMIT_REQUEUE
+        );
+        drop(ctx);
+        assert_eq!(server.await.expect("server").len(), 2);
     }
 
     /// One rebind of a DataDownload whose restore PVC is gone, whose restored PV `pv-1` is Available and
