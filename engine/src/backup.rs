@@ -26,15 +26,15 @@
 //! Packs are stored before the index segment naming them, and the snapshot after its index, so an
 //! interrupted backup leaves only unreferenced packs, never a dangling reference.
 //! A file whose type, size and mtime match its entry in the parent snapshot is not read again.
+//! The walker takes each directory's entries from [`crate::listing`]: read ahead of it, from before the
+//! repository opened, when the caller started a [`ReadAhead`] ([`BackupOptions::read_ahead`]).
 //!
 //! Against a concurrent prune, a backup holds a backup lease (`crate::lease`) from before it reads
 //! `prune/state` until its snapshot is written, reuses no data from prune's candidates, and does not commit
 //! if the lease lapsed (`design/0003-backup-deletion.md`).
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,7 @@ use crate::id::{BlobId, SnapshotId};
 use crate::idtable::IdTable;
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
 use crate::lease::{Lease as RepoLease, LeaseKind};
+use crate::listing::{Listings, ReadAhead};
 use crate::pack::{self, BlobKind, FinishedPack, PackWriter};
 use crate::pagecache::DropBehind;
 use crate::pool::{Lease, Pool};
@@ -99,6 +100,9 @@ pub struct BackupOptions {
     /// Readers that may work on segments at once. Past a few per core they add memory (each holds its read
     /// buffer and the chunk it hands on), not speed; the other readers stay free for small files.
     pub segment_readers: usize,
+    /// Directory listings read ahead of the walk, started by the caller before it opened the repository
+    /// (`crate::listing`); without it the walk lists each directory when it gets there.
+    pub read_ahead: Option<ReadAhead>,
 }
 
 impl BackupOptions {
@@ -119,6 +123,7 @@ impl BackupOptions {
             drop_cache: false,
             segment: SEGMENT,
             segment_readers: (cpus * 2).clamp(2, 8),
+            read_ahead: None,
         }
     }
 }
@@ -526,6 +531,8 @@ struct Walker<'a> {
     stats: WalkStats,
     /// (device, inode) of multiply-linked files -> hard-link group number.
     links: std::collections::HashMap<(u64, u64), u64>,
+    /// Where each directory's entries come from.
+    listings: Listings,
 }
 
 fn same_file(parent: &Node, now: &Node) -> bool {
@@ -533,18 +540,6 @@ fn same_file(parent: &Node, now: &Node) -> bool {
         && parent.size == now.size
         && parent.mtime_sec == now.mtime_sec
         && parent.mtime_nsec == now.mtime_nsec
-}
-
-/// The entries of `dir` sorted by name, each with its lstat metadata, taken relative to the open
-/// directory (no path walk per entry).
-fn sorted_entries(dir: &Path) -> Result<Vec<(OsString, std::io::Result<std::fs::Metadata>)>> {
-    let mut entries = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let e = e.map_err(|e| Error::io(dir, e))?;
-        entries.push((e.file_name(), e.metadata()));
-    }
-    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    Ok(entries)
 }
 
 impl Walker<'_> {
@@ -582,14 +577,17 @@ impl Walker<'_> {
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         let mut subdirs = Vec::new();
-        for (name, meta) in sorted_entries(dir)? {
-            let path = dir.join(&name);
-            let meta = match meta {
+        for entry in self.listings.of(dir)? {
+            let path = dir.join(&entry.name);
+            let meta = match entry.meta {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished since readdir
                 Err(e) => return Err(Error::io(&path, e)),
             };
-            let mut node = fsmeta::node_from(&name, &path, &meta)?;
+            let mut node = match entry.node {
+                Some(node) => node?,
+                None => fsmeta::node_from(&entry.name, &path, &meta)?,
+            };
             if !meta.is_dir() && meta.nlink() > 1 {
                 let next = self.links.len() as u64;
                 node.hardlink = Some(*self.links.entry((meta.dev(), meta.ino())).or_insert(next));
@@ -865,6 +863,7 @@ async fn run(
                     blobs: blob_tx,
                     stats: WalkStats::default(),
                     links: Default::default(),
+                    listings: Listings::new(opts.read_ahead.clone()),
                 };
                 let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e));
                 let result = meta.and_then(|m| {

@@ -31,6 +31,7 @@ pub mod id;
 mod idtable;
 pub mod index;
 pub mod lease;
+pub mod listing;
 pub mod open;
 pub mod pack;
 pub mod pagecache;

@@ -48,6 +48,26 @@ async fn round_trip_keeps_every_kind_of_entry_and_metadata() {
     assert!(report.ok() && report.warnings.is_empty(), "{report:?}");
 }
 
+/// Listings read ahead of the walk (started before the repository opened, as the CLI and the data path do)
+/// record the same tree as listings read when the walk gets there, whatever the entries' kinds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_with_its_listings_read_ahead_records_the_same_tree() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    rich_tree(src.path());
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let now = backup(&repo, src.path()).await;
+    let mut o = BackupOptions::new(src.path());
+    o.parent = ParentSpec::None;
+    o.read_ahead = Some(ferry_engine::listing::ReadAhead::start(src.path()));
+    let ahead =
+        ferry_engine::backup::backup(reopen(&backend).await, o, Arc::new(Progress::default()))
+            .await
+            .unwrap();
+    assert_eq!(ahead.snapshot.tree, now.snapshot.tree);
+    assert_eq!(ahead.snapshot.summary.files, now.snapshot.summary.files);
+}
+
 /// Every compression a repository can be made with backs up, restores and checks the same tree; the
 /// setting survives reopening, and text ends up smaller with Zstandard than with LZ4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,7 @@ use ferry_engine::backup::{BackupOptions, ParentSpec};
 use ferry_engine::cancel::CancelOnSignals;
 use ferry_engine::demo::Step;
 use ferry_engine::forget::Selection;
+use ferry_engine::listing::ReadAhead;
 use ferry_engine::open::Target;
 use ferry_engine::progress::Progress;
 use ferry_engine::prune::{DEFAULT_GRACE_SECONDS, PruneOptions};
@@ -412,10 +413,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             drop_cache,
         } => {
             let progress = Arc::new(Progress::default());
+            // Both run while the repository opens (the password's key derivation takes a core meanwhile).
             ferry_engine::backup::start_scan(&path, block_device, &progress);
+            let read_ahead = (!block_device).then(|| ReadAhead::start(&path));
             let repo = ctx.open().await?;
             let mut opts = BackupOptions::new(path);
             opts.block_device = block_device;
+            opts.read_ahead = read_ahead;
             opts.parent = match parent.as_deref() {
                 None => ParentSpec::Auto,
                 Some("none") => ParentSpec::None,

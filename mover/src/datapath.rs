@@ -13,6 +13,7 @@ use std::time::Duration;
 use ferry_engine::backend::s3::S3Options;
 use ferry_engine::backup::{BackupOptions, ParentSpec};
 use ferry_engine::forget::Selection;
+use ferry_engine::listing::ReadAhead;
 use ferry_engine::open::Target;
 use ferry_engine::progress::Progress;
 use ferry_engine::prune::PruneOptions;
@@ -448,10 +449,13 @@ async fn backup(
     block: bool,
     progress: Arc<Progress>,
 ) -> Result<api::BackupResult, Status> {
+    // Both run while the repository opens (the password's key derivation takes a core meanwhile).
     ferry_engine::backup::start_scan(&source, block, &progress);
+    let read_ahead = (!block).then(|| ReadAhead::start(&source));
     let repo = target.open_or_init().await.map_err(status)?;
     let mut opts = BackupOptions::new(source);
     opts.block_device = block;
+    opts.read_ahead = read_ahead;
     opts.tags = r.tags.clone().into_iter().collect::<BTreeMap<_, _>>();
     let src = r.source.clone().unwrap_or_default();
     let source_pvc = format!("{}/{}", src.namespace, src.pvc);

@@ -1,0 +1,273 @@
+//! Directory listings for a backup's walk: each entry's name, lstat metadata and tree node (extended
+//! attributes, a symlink's target), read when the walk gets there or ahead of it.
+//!
+//! Reading ahead ([`ReadAhead`]) starts before the repository opens: opening it derives the key from the
+//! password (Argon2id, a core for a fraction of a second), and meanwhile another thread lists the
+//! directories in the walk's order (depth first, entries by name), so the walk finds its metadata read, the
+//! cold inodes fetched and the system calls made. An unchanged re-backup is mostly that walk.
+//!
+//! The listings run at most [`AHEAD_ENTRIES`] entries ahead of the walk (a few hundred bytes each; one
+//! directory however large when the walk has taken all before it), so memory stays bounded whatever the
+//! tree. A walk that finds a listing out of step (a caller that started the read-ahead elsewhere) lists its
+//! directories itself from there on: the read-ahead changes only when the metadata is read, never what is
+//! recorded from it.
+
+use std::ffi::OsString;
+use std::fs::Metadata;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crossbeam_channel as cb;
+
+use crate::error::{Error, Result};
+use crate::fsmeta;
+use crate::tree::Node;
+
+/// Entries listed ahead of the walk at most: about 10 MiB, a 20,000-file tree whole.
+const AHEAD_ENTRIES: usize = 32_768;
+
+/// One entry of a directory.
+pub(crate) struct Entry {
+    /// Its name.
+    pub name: OsString,
+    /// Its lstat metadata (`NotFound`: it vanished after the directory was read).
+    pub meta: std::io::Result<Metadata>,
+    /// Its node, when the metadata was read.
+    pub node: Option<Result<Node>>,
+}
+
+/// The entries of `dir` sorted by name, each with its lstat metadata (taken relative to the open directory,
+/// no path walk per entry) and its node.
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        entries.push((e.file_name(), e.metadata()));
+    }
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(entries
+        .into_iter()
+        .map(|(name, meta)| {
+            let node = meta
+                .as_ref()
+                .ok()
+                .map(|m| fsmeta::node_from(&name, &dir.join(&name), m));
+            Entry { name, meta, node }
+        })
+        .collect())
+}
+
+/// One directory's listing, read ahead.
+struct Listing {
+    dir: PathBuf,
+    entries: Result<Vec<Entry>>,
+}
+
+impl Listing {
+    /// What it counts against [`AHEAD_ENTRIES`].
+    fn weight(&self) -> usize {
+        self.entries.as_ref().map_or(1, |e| e.len().max(1))
+    }
+}
+
+/// Entries listed but not yet taken by the walk, and whether the walk stopped taking them.
+#[derive(Default)]
+struct Budget {
+    state: Mutex<(usize, bool)>,
+    changed: Condvar,
+}
+
+impl Budget {
+    /// Waits until `n` more entries fit (any number do when none are held); false once the walk stopped.
+    fn take(&self, n: usize) -> bool {
+        let mut s = self.state.lock().expect("budget lock");
+        while !s.1 && s.0 > 0 && s.0 + n > AHEAD_ENTRIES {
+            s = self.changed.wait(s).expect("budget lock");
+        }
+        s.0 += n;
+        !s.1
+    }
+
+    fn give(&self, n: usize) {
+        let mut s = self.state.lock().expect("budget lock");
+        s.0 = s.0.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("budget lock").1 = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Directory listings read ahead of a walk by a thread of their own (the module's doc).
+#[derive(Clone)]
+pub struct ReadAhead {
+    rx: cb::Receiver<Listing>,
+    budget: Arc<Budget>,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadAhead")
+    }
+}
+
+impl ReadAhead {
+    /// Starts listing the directory tree at `root` (nothing for a file or device). The thread stops when
+    /// the tree is listed or the walk no longer takes listings.
+    pub fn start(root: &Path) -> ReadAhead {
+        let (tx, rx) = cb::unbounded();
+        let budget = Arc::new(Budget::default());
+        let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+        if std::fs::symlink_metadata(&root).is_ok_and(|m| m.is_dir()) {
+            let b = budget.clone();
+            let _ = std::thread::Builder::new()
+                .name("ferry-ahead".into())
+                .spawn(move || read_ahead(&root, &tx, &b));
+        }
+        ReadAhead { rx, budget }
+    }
+}
+
+/// Lists `dir`, then its subdirectories in name order, depth first: the walk's order. False once the walk
+/// stopped taking listings.
+fn read_ahead(dir: &Path, tx: &cb::Sender<Listing>, budget: &Budget) -> bool {
+    let entries = list_dir(dir);
+    let subdirs: Vec<PathBuf> = entries
+        .iter()
+        .flatten()
+        .filter(|e| e.meta.as_ref().is_ok_and(|m| m.is_dir()))
+        .map(|e| dir.join(&e.name))
+        .collect();
+    let listing = Listing {
+        dir: dir.to_path_buf(),
+        entries,
+    };
+    budget.take(listing.weight())
+        && tx.send(listing).is_ok()
+        && subdirs.iter().all(|s| read_ahead(s, tx, budget))
+}
+
+/// Where a walk gets its listings: read ahead while they are in step with it, else read now. Dropping it
+/// stops the read-ahead.
+pub(crate) struct Listings(Option<ReadAhead>);
+
+impl Listings {
+    /// Listings from `ahead` if given.
+    pub fn new(ahead: Option<ReadAhead>) -> Self {
+        Listings(ahead)
+    }
+
+    /// The entries of `dir`, which the walk enters now.
+    pub fn of(&mut self, dir: &Path) -> Result<Vec<Entry>> {
+        if let Some(ahead) = &self.0 {
+            match ahead.rx.recv() {
+                Ok(l) => {
+                    ahead.budget.give(l.weight());
+                    if l.dir == dir {
+                        return l.entries;
+                    }
+                    self.stop(); // out of step: read directly from here on
+                }
+                Err(_) => self.0 = None, // the tree is listed
+            }
+        }
+        list_dir(dir)
+    }
+
+    fn stop(&mut self) {
+        if let Some(ahead) = self.0.take() {
+            ahead.budget.close();
+        }
+    }
+}
+
+impl Drop for Listings {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tempdir");
+        for d in ["a", "a/x", "a/x/deep", "b", "c"] {
+            std::fs::create_dir(t.path().join(d)).expect("mkdir");
+        }
+        for f in ["f", "a/f1", "a/x/f2", "a/x/deep/f3", "c/f4"] {
+            std::fs::write(t.path().join(f), f).expect("write");
+        }
+        t
+    }
+
+    /// Every directory in the walk's order: depth first, by name.
+    fn walk(dir: &Path, listings: &mut Listings, seen: &mut Vec<(PathBuf, Vec<OsString>)>) {
+        let entries = listings.of(dir).expect("listing");
+        let names = entries.iter().map(|e| e.name.clone()).collect();
+        seen.push((dir.to_path_buf(), names));
+        for e in entries {
+            if e.meta.expect("meta").is_dir() {
+                walk(&dir.join(&e.name), listings, seen);
+            }
+        }
+    }
+
+    #[test]
+    fn listings_read_ahead_are_the_ones_read_now_in_the_walks_order() {
+        let t = tree();
+        let root = std::path::absolute(t.path()).expect("absolute");
+        let (mut now, mut ahead) = (Vec::new(), Vec::new());
+        walk(&root, &mut Listings::new(None), &mut now);
+        let read_ahead = ReadAhead::start(&root);
+        // Let the thread run ahead of the walk as far as it may.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(read_ahead.rx.len(), 6, "not all was read ahead");
+        walk(&root, &mut Listings::new(Some(read_ahead)), &mut ahead);
+        assert_eq!(ahead, now);
+        assert_eq!(now.len(), 6, "{now:?}");
+    }
+
+    /// The read-ahead waits while the walk has not taken [`AHEAD_ENTRIES`] entries, and stops when the walk
+    /// stops.
+    #[test]
+    fn the_read_ahead_stays_within_its_budget() {
+        let budget = Arc::new(Budget::default());
+        assert!(budget.take(AHEAD_ENTRIES + 5), "one directory always fits");
+        let waiting = {
+            let b = budget.clone();
+            std::thread::spawn(move || b.take(1))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "took more than its budget");
+        budget.give(AHEAD_ENTRIES);
+        assert!(waiting.join().expect("join"));
+        let stopped = {
+            let b = budget.clone();
+            std::thread::spawn(move || b.take(AHEAD_ENTRIES))
+        };
+        budget.close();
+        assert!(
+            !stopped.join().expect("join"),
+            "went on after the walk stopped"
+        );
+    }
+
+    /// A walk elsewhere than where the read-ahead started lists its directories itself.
+    #[test]
+    fn a_walk_out_of_step_reads_its_own_listings() {
+        let t = tree();
+        let root = std::path::absolute(t.path()).expect("absolute");
+        let mut listings = Listings::new(Some(ReadAhead::start(&root)));
+        let a = listings.of(&root.join("a")).expect("listing");
+        assert!(listings.0.is_none(), "still taking listings out of step");
+        let names: Vec<_> = a.iter().map(|e| e.name.clone()).collect();
+        assert_eq!(names, ["f1", "x"]);
+        let again = listings.of(&root).expect("listing");
+        assert_eq!(again.len(), 4);
+    }
+}
