@@ -101,11 +101,21 @@ impl Budget {
     }
 }
 
-/// Directory listings read ahead of a walk by a thread of their own (the module's doc).
+/// Directory listings read ahead of a walk by a thread of their own (the module's doc). The thread stops
+/// when the walk stops taking listings, or when the last clone of this is dropped unused (a backup that
+/// failed before its walk).
 #[derive(Clone)]
-pub struct ReadAhead {
+pub struct ReadAhead(Arc<Handle>);
+
+struct Handle {
     rx: cb::Receiver<Listing>,
     budget: Arc<Budget>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.budget.close();
+    }
 }
 
 impl std::fmt::Debug for ReadAhead {
@@ -127,7 +137,7 @@ impl ReadAhead {
                 .name("ferry-ahead".into())
                 .spawn(move || read_ahead(&root, &tx, &b));
         }
-        ReadAhead { rx, budget }
+        ReadAhead(Arc::new(Handle { rx, budget }))
     }
 }
 
@@ -162,7 +172,7 @@ impl Listings {
 
     /// The entries of `dir`, which the walk enters now.
     pub fn of(&mut self, dir: &Path) -> Result<Vec<Entry>> {
-        if let Some(ahead) = &self.0 {
+        if let Some(ReadAhead(ahead)) = &self.0 {
             match ahead.rx.recv() {
                 Ok(l) => {
                     ahead.budget.give(l.weight());
@@ -178,7 +188,7 @@ impl Listings {
     }
 
     fn stop(&mut self) {
-        if let Some(ahead) = self.0.take() {
+        if let Some(ReadAhead(ahead)) = self.0.take() {
             ahead.budget.close();
         }
     }
@@ -226,7 +236,7 @@ mod tests {
         let read_ahead = ReadAhead::start(&root);
         // Let the thread run ahead of the walk as far as it may.
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(read_ahead.rx.len(), 6, "not all was read ahead");
+        assert_eq!(read_ahead.0.rx.len(), 6, "not all was read ahead");
         walk(&root, &mut Listings::new(Some(read_ahead)), &mut ahead);
         assert_eq!(ahead, now);
         assert_eq!(now.len(), 6, "{now:?}");
@@ -255,6 +265,44 @@ mod tests {
             !stopped.join().expect("join"),
             "went on after the walk stopped"
         );
+    }
+
+    /// A read-ahead dropped before any walk took from it (the repository did not open) stops at its budget's
+    /// wait instead of waiting forever.
+    #[test]
+    fn an_unused_read_ahead_stops_when_dropped() {
+        let (tx, rx) = cb::unbounded();
+        let budget = Arc::new(Budget::default());
+        let ahead = ReadAhead(Arc::new(Handle {
+            rx,
+            budget: budget.clone(),
+        }));
+        assert!(budget.take(AHEAD_ENTRIES));
+        let producer = std::thread::spawn(move || budget.take(1) && tx.send(listing()).is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let kept = ahead.clone();
+        drop(ahead);
+        assert!(!producer.is_finished(), "a clone is still held");
+        drop(kept);
+        let waited = std::time::Instant::now();
+        while !producer.is_finished() && waited.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            producer.is_finished(),
+            "still waiting after the last handle was dropped"
+        );
+        assert!(
+            !producer.join().expect("join"),
+            "went on after the last handle was dropped"
+        );
+    }
+
+    fn listing() -> Listing {
+        Listing {
+            dir: PathBuf::from("/"),
+            entries: Ok(Vec::new()),
+        }
     }
 
     /// A walk elsewhere than where the read-ahead started lists its directories itself.
