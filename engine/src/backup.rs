@@ -579,15 +579,12 @@ impl Walker<'_> {
         let mut subdirs = Vec::new();
         for entry in self.listings.of(dir)? {
             let path = dir.join(&entry.name);
-            let meta = match entry.meta {
-                Ok(m) => m,
+            let (meta, node) = match entry.stat {
+                Ok(stat) => stat,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished since readdir
                 Err(e) => return Err(Error::io(&path, e)),
             };
-            let mut node = match entry.node {
-                Some(node) => node?,
-                None => fsmeta::node_from(&entry.name, &path, &meta)?,
-            };
+            let mut node = node?;
             if !meta.is_dir() && meta.nlink() > 1 {
                 let next = self.links.len() as u64;
                 node.hardlink = Some(*self.links.entry((meta.dev(), meta.ino())).or_insert(next));

@@ -31,10 +31,8 @@ const AHEAD_ENTRIES: usize = 32_768;
 pub(crate) struct Entry {
     /// Its name.
     pub name: OsString,
-    /// Its lstat metadata (`NotFound`: it vanished after the directory was read).
-    pub meta: std::io::Result<Metadata>,
-    /// Its node, when the metadata was read.
-    pub node: Option<Result<Node>>,
+    /// Its lstat metadata and its node (`NotFound`: it vanished after the directory was read).
+    pub stat: std::io::Result<(Metadata, Result<Node>)>,
 }
 
 /// The entries of `dir` sorted by name, each with its lstat metadata (taken relative to the open directory,
@@ -49,11 +47,11 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<Entry>> {
     Ok(entries
         .into_iter()
         .map(|(name, meta)| {
-            let node = meta
-                .as_ref()
-                .ok()
-                .map(|m| fsmeta::node_from(&name, &dir.join(&name), m));
-            Entry { name, meta, node }
+            let stat = meta.map(|m| {
+                let node = fsmeta::node_from(&name, &dir.join(&name), &m);
+                (m, node)
+            });
+            Entry { name, stat }
         })
         .collect())
 }
@@ -148,7 +146,7 @@ fn read_ahead(dir: &Path, tx: &cb::Sender<Listing>, budget: &Budget) -> bool {
     let subdirs: Vec<PathBuf> = entries
         .iter()
         .flatten()
-        .filter(|e| e.meta.as_ref().is_ok_and(|m| m.is_dir()))
+        .filter(|e| e.stat.as_ref().is_ok_and(|(m, _)| m.is_dir()))
         .map(|e| dir.join(&e.name))
         .collect();
     let listing = Listing {
@@ -221,7 +219,7 @@ mod tests {
         let names = entries.iter().map(|e| e.name.clone()).collect();
         seen.push((dir.to_path_buf(), names));
         for e in entries {
-            if e.meta.expect("meta").is_dir() {
+            if e.stat.expect("stat").0.is_dir() {
                 walk(&dir.join(&e.name), listings, seen);
             }
         }
