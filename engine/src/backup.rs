@@ -63,7 +63,8 @@ use crate::tree::{Node, NodeKind, Tree};
 /// Which snapshot to compare against.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum ParentSpec {
-    /// The latest snapshot with the same path, source kind, host and tags.
+    /// The snapshot with the same path, source kind, host and tags written last
+    /// ([`Repository::latest_snapshot`]).
     #[default]
     Auto,
     /// No parent: read everything.
@@ -735,9 +736,10 @@ async fn resolve_parent(
             } else {
                 SourceKind::Filesystem
             };
-            Ok(repo.snapshots().await?.into_iter().rev().find(|(_, s)| {
+            repo.latest_snapshot(|s| {
                 s.path == path && s.source == kind && s.hostname == host && s.tags == opts.tags
-            }))
+            })
+            .await
         }
     }
 }

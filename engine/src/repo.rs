@@ -29,6 +29,8 @@ pub const REPO_VERSION: u32 = 1;
 pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
 /// Parallel small-object downloads.
 const FETCH_CONCURRENCY: usize = 16;
+/// Where snapshot manifests live.
+const SNAPSHOTS: &str = "snapshots/";
 
 /// The repository configuration (stored encrypted as `config`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -458,24 +460,14 @@ impl Repository {
 
     /// Every snapshot, oldest first.
     pub async fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
-        let listed = self.backend.list("snapshots/").await?;
+        let listed = self.backend.list(SNAPSHOTS).await?;
         let ids: Vec<String> = listed
             .iter()
-            .map(|o| o.key.trim_start_matches("snapshots/").to_string())
+            .map(|o| o.key.trim_start_matches(SNAPSHOTS).to_string())
             .collect();
         // A snapshot forgotten between the listing and its read is gone, not an error.
         let found: Vec<Option<(SnapshotId, Snapshot)>> = stream::iter(ids)
-            .map(|id| async move {
-                let key = format!("snapshots/{id}");
-                match self.read_named(Kind::Snapshot, "snapshot", &key, &id).await {
-                    Ok(plain) => Ok(Some((
-                        SnapshotId::from_hex(&id)?,
-                        Snapshot::from_bytes(&plain)?,
-                    ))),
-                    Err(Error::NotFound(_)) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
+            .map(|id| async move { self.parse_and_read(&id).await })
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
@@ -484,8 +476,95 @@ impl Repository {
         Ok(out)
     }
 
-    /// Finds a snapshot by `latest`, a full id or a unique id prefix.
+    /// Reads one snapshot; `None` when there is none by that id (never written, or forgotten).
+    pub async fn read_snapshot(&self, id: &SnapshotId) -> Result<Option<Snapshot>> {
+        let hex = id.to_hex();
+        let key = format!("{SNAPSHOTS}{hex}");
+        match self
+            .read_named(Kind::Snapshot, "snapshot", &key, &hex)
+            .await
+        {
+            Ok(plain) => Snapshot::from_bytes(&plain).map(Some),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The snapshot `wanted` accepts that was written last by the storage's clock (then the latest start
+    /// time, then the largest id): a backup's parent. Snapshots are read newest-written first, a wave of
+    /// [`FETCH_CONCURRENCY`] at a time, until none left unread can be newer than the one found; so a
+    /// repository shared by many sources (one per volume of a namespace) costs a wave or two of reads, not
+    /// one read per snapshot it holds. Where the storage tells no times, every snapshot is read.
+    ///
+    /// Only a snapshot that reads and verifies can be a parent: a damaged or foreign object under
+    /// `snapshots/` is passed over with a warning (`ferry check` reports it), so it cannot stop backups.
+    pub async fn latest_snapshot(
+        &self,
+        wanted: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Option<(SnapshotId, Snapshot)>> {
+        let mut listed: Vec<(std::time::SystemTime, String)> = self
+            .backend
+            .list(SNAPSHOTS)
+            .await?
+            .into_iter()
+            .map(|o| {
+                let written = o.modified.unwrap_or(std::time::UNIX_EPOCH);
+                (written, o.key.trim_start_matches(SNAPSHOTS).to_string())
+            })
+            .collect();
+        listed.sort_by_key(|b| std::cmp::Reverse(b.0));
+        let mut best: Option<(std::time::SystemTime, SnapshotId, Snapshot)> = None;
+        for wave in listed.chunks(FETCH_CONCURRENCY) {
+            if let (Some(b), Some(next)) = (&best, wave.first())
+                && next.0 < b.0
+            {
+                break; // every snapshot left was written before the one found
+            }
+            let read: Vec<_> = stream::iter(wave.to_vec())
+                .map(|(written, hex)| async move {
+                    let r = self.parse_and_read(&hex).await;
+                    (written, hex, r)
+                })
+                .buffer_unordered(FETCH_CONCURRENCY)
+                .collect()
+                .await;
+            for (written, hex, r) in read {
+                let (id, snap) = match r {
+                    Ok(Some(found)) => found,
+                    Ok(None) => continue,
+                    Err(e @ (Error::Integrity(_) | Error::Format(_))) => {
+                        tracing::warn!(snapshot = %hex, error = %e, "passing over a snapshot that does not read");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let newer = best
+                    .as_ref()
+                    .is_none_or(|(w, bid, b)| (written, &snap.time, &id) > (*w, &b.time, bid));
+                if wanted(&snap) && newer {
+                    best = Some((written, id, snap));
+                }
+            }
+        }
+        Ok(best.map(|(_, id, snap)| (id, snap)))
+    }
+
+    /// [`Repository::read_snapshot`] of a listed name, which may not be an id at all.
+    async fn parse_and_read(&self, hex: &str) -> Result<Option<(SnapshotId, Snapshot)>> {
+        let id = SnapshotId::from_hex(hex)?;
+        Ok(self.read_snapshot(&id).await?.map(|s| (id, s)))
+    }
+
+    /// Finds a snapshot by `latest`, a full id (read alone) or a unique id prefix.
     pub async fn find_snapshot(&self, spec: &str) -> Result<(SnapshotId, Snapshot)> {
+        if spec.len() == 64
+            && let Ok(id) = SnapshotId::from_hex(&spec.to_ascii_lowercase())
+        {
+            return match self.read_snapshot(&id).await? {
+                Some(snap) => Ok((id, snap)),
+                None => Err(Error::Snapshot(format!("{} not found", id.to_hex()))),
+            };
+        }
         let all = self.snapshots().await?;
         if spec == "latest" {
             return all

@@ -167,6 +167,64 @@ async fn a_backup_with_a_parent_loads_the_index_once() {
     assert_eq!(gate.listings("index/") - before, 1, "index listings");
 }
 
+/// A namespace's repository holds the snapshots of all its volumes. Each mover pod starts with an empty
+/// cache, so finding a backup's parent must not cost a read of every snapshot the repository holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_finds_its_parent_without_reading_every_snapshot() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    rich_tree(src.path());
+    let gate = Gate::new(local(repo_dir.path()), "no-such-prefix/");
+    let backend: Arc<dyn ferry_engine::backend::Backend> = gate.clone();
+    let repo = new_repo(backend.clone()).await;
+    let template = backup(&repo, src.path()).await.snapshot;
+    let other_volumes = |range: std::ops::Range<usize>| {
+        let (repo, template) = (repo.clone(), template.clone());
+        async move {
+            for i in range {
+                let mut s = template.clone();
+                s.path = format!("/other/{i}");
+                repo.write_snapshot(&s).await.unwrap();
+            }
+        }
+    };
+    other_volumes(0..100).await;
+    let parent = backup(&reopen(&backend).await, src.path()).await;
+    other_volumes(100..105).await;
+    let before = gate.reads("snapshots/");
+    let b = backup(&reopen(&backend).await, src.path()).await;
+    assert_eq!(
+        b.snapshot.parent,
+        Some(parent.id),
+        "the latest of its source"
+    );
+    let read = gate.reads("snapshots/") - before;
+    assert!(read <= 16, "{read} snapshots read of 107");
+}
+
+/// A parent is only a shortcut: an object under `snapshots/` that does not read as one is passed over, and
+/// a snapshot named by its full id is read alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_does_not_stop_a_backup_and_a_full_id_reads_one_snapshot() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    rich_tree(src.path());
+    let gate = Gate::new(local(repo_dir.path()), "no-such-prefix/");
+    let backend: Arc<dyn ferry_engine::backend::Backend> = gate.clone();
+    let first = backup(&new_repo(backend.clone()).await, src.path()).await;
+    let junk = Bytes::from_static(b"not a snapshot");
+    backend
+        .put(&format!("snapshots/{}", "0".repeat(64)), junk.clone())
+        .await
+        .unwrap();
+    backend.put("snapshots/stray", junk).await.unwrap();
+    let repo = reopen(&backend).await;
+    let b = backup(&repo, src.path()).await;
+    assert_eq!(b.snapshot.parent, Some(first.id));
+    let before = gate.reads("snapshots/");
+    let (id, snap) = repo.find_snapshot(&b.id.to_hex()).await.unwrap();
+    assert_eq!((id, snap.tree), (b.id, b.snapshot.tree));
+    assert_eq!(gate.reads("snapshots/") - before, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_a_clear_error() {
     let repo_dir = tempdir();

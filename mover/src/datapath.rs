@@ -485,12 +485,15 @@ async fn backup(
         } else {
             SourceKind::Filesystem
         };
-        let snapshots = repo.snapshots().await.map_err(status)?;
-        match snapshots.into_iter().rev().find(|(_, s)| {
-            s.source == kind
-                && s.tags.get(labels::TAG_SOURCE_PVC).map(String::as_str)
-                    == Some(source_pvc.as_str())
-        }) {
+        let parent = repo
+            .latest_snapshot(|s| {
+                s.source == kind
+                    && s.tags.get(labels::TAG_SOURCE_PVC).map(String::as_str)
+                        == Some(source_pvc.as_str())
+            })
+            .await
+            .map_err(status)?;
+        match parent {
             Some((id, _)) => ParentSpec::Snapshot(id.to_hex()),
             None => ParentSpec::None,
         }

@@ -328,7 +328,7 @@ impl S3Server {
 
 /// A backend that holds every `put` of a key under `prefix` until released: a test can stop an operation
 /// just before it commits (a backup's snapshot, say) and run something else meanwhile. It also records
-/// the prefixes listed.
+/// the prefixes listed and the keys read.
 #[derive(Debug)]
 pub struct Gate {
     inner: Arc<dyn Backend>,
@@ -336,6 +336,7 @@ pub struct Gate {
     entered: tokio::sync::Notify,
     open: tokio::sync::watch::Sender<bool>,
     listed: std::sync::Mutex<Vec<String>>,
+    read: std::sync::Mutex<Vec<String>>,
 }
 
 impl Gate {
@@ -346,6 +347,7 @@ impl Gate {
             entered: tokio::sync::Notify::new(),
             open: tokio::sync::watch::channel(false).0,
             listed: Default::default(),
+            read: Default::default(),
         })
     }
 
@@ -353,6 +355,12 @@ impl Gate {
     pub fn listings(&self, prefix: &str) -> usize {
         let listed = self.listed.lock().unwrap();
         listed.iter().filter(|p| *p == prefix).count()
+    }
+
+    /// How many whole objects under `prefix` were read.
+    pub fn reads(&self, prefix: &str) -> usize {
+        let read = self.read.lock().unwrap();
+        read.iter().filter(|k| k.starts_with(prefix)).count()
     }
 
     /// Waits until some `put` under the prefix is being held.
@@ -390,6 +398,7 @@ impl Backend for Gate {
         self.inner.settle_delay()
     }
     async fn get(&self, key: &str) -> ferry_engine::Result<bytes::Bytes> {
+        self.read.lock().unwrap().push(key.into());
         self.inner.get(key).await
     }
     async fn get_range(
