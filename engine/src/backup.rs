@@ -670,14 +670,22 @@ impl Walker<'_> {
 /// already started for `progress`. Callers start it before opening the repository: the scan then runs on
 /// the other core while the password's key derivation (Argon2id) runs, and leaves the inode cache warm for
 /// the backup's own walk.
-pub fn start_scan(path: &Path, block: bool, progress: &Arc<Progress>) {
+///
+/// With the backup's [`ReadAhead`], the scan first waits for what it counts: a tree it lists whole within
+/// its budget needs no second pass (an unchanged re-backup of 20,000 files saves 20,000 `statx` calls on
+/// the cores the key derivation runs on); a larger one is scanned once the read-ahead's budget is full.
+pub fn start_scan(path: &Path, block: bool, progress: &Arc<Progress>, ahead: Option<&ReadAhead>) {
     if !progress.claim_scan() {
         return;
     }
     let (p, progress) = (path.to_path_buf(), progress.clone());
+    let tally = ahead.filter(|_| !block).map(ReadAhead::tally);
     let _ = std::thread::Builder::new()
         .name("ferry-scan".into())
-        .spawn(move || scan_totals(&p, block, &progress));
+        .spawn(move || match tally.and_then(|t| t.wait()) {
+            Some((files, bytes)) => progress.set_totals(files, bytes),
+            None => scan_totals(&p, block, &progress),
+        });
 }
 
 fn scan_totals(path: &Path, block: bool, progress: &Progress) {
@@ -818,7 +826,12 @@ async fn run(
         std::thread::Builder::new()
             .name("ferry-walk".into())
             .spawn(move || -> Result<(BlobId, WalkStats)> {
-                start_scan(&path, opts.block_device, &shared.progress);
+                start_scan(
+                    &path,
+                    opts.block_device,
+                    &shared.progress,
+                    opts.read_ahead.as_ref(),
+                );
                 let (blob_tx, blob_rx) = cb::bounded::<NewBlob>(shared.blob_slots.capacity());
                 let (job_tx, job_rx) = cb::bounded::<FileJob>(256);
                 let packers = Arc::new([
@@ -1005,6 +1018,28 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a read-ahead counts while it lists a whole tree is what the scan counts: every entry but
+    /// directories as a file, the sizes of regular files as bytes.
+    #[test]
+    fn a_tree_listed_whole_ahead_has_the_scans_totals() {
+        let t = tempfile::tempdir().expect("tempdir");
+        for d in ["a", "a/b", "c", "empty"] {
+            std::fs::create_dir(t.path().join(d)).expect("mkdir");
+        }
+        for (f, len) in [("x", 10), ("a/y", 3000), ("a/b/z", 0), ("c/w", 70_000)] {
+            std::fs::write(t.path().join(f), vec![7u8; len]).expect("write");
+        }
+        std::os::unix::fs::symlink("a/y", t.path().join("c/link")).expect("symlink");
+        nix::unistd::mkfifo(&t.path().join("a/fifo"), nix::sys::stat::Mode::S_IRWXU)
+            .expect("mkfifo");
+        let scanned = Progress::default();
+        scan_totals(t.path(), false, &scanned);
+        let r = scanned.report();
+        assert_eq!((r.files_total, r.bytes_total), (6, 73_010));
+        let counted = ReadAhead::start(t.path()).tally().wait();
+        assert_eq!(counted, Some((r.files_total, r.bytes_total)));
+    }
 
     fn part(offset: u64, len: Option<u64>) -> Part {
         Part { offset, len }

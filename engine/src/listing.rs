@@ -11,6 +11,10 @@
 //! tree. A walk that finds a listing out of step (a caller that started the read-ahead elsewhere) lists its
 //! directories itself from there on: the read-ahead changes only when the metadata is read, never what is
 //! recorded from it.
+//!
+//! The read-ahead also counts what it lists ([`Tally`]): when it lists the whole tree within its budget,
+//! those are the backup's progress totals, and the scan that would count them (another pass over every
+//! entry, on the same two cores as the key derivation) is not made (`crate::backup::start_scan`).
 
 use std::ffi::OsString;
 use std::fs::Metadata;
@@ -70,17 +74,38 @@ impl Listing {
 }
 
 /// Entries listed but not yet taken by the walk, and whether the walk stopped taking them.
-#[derive(Default)]
 struct Budget {
     state: Mutex<(usize, bool)>,
     changed: Condvar,
+    /// Entries held at most ([`AHEAD_ENTRIES`]).
+    limit: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::with_limit(AHEAD_ENTRIES)
+    }
 }
 
 impl Budget {
+    fn with_limit(limit: usize) -> Self {
+        Budget {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            limit,
+        }
+    }
+
+    /// Whether `n` more entries would have to wait.
+    fn full_for(&self, n: usize) -> bool {
+        let s = self.state.lock().expect("budget lock");
+        s.0 > 0 && s.0 + n > self.limit
+    }
+
     /// Waits until `n` more entries fit (any number do when none are held); false once the walk stopped.
     fn take(&self, n: usize) -> bool {
         let mut s = self.state.lock().expect("budget lock");
-        while !s.1 && s.0 > 0 && s.0 + n > AHEAD_ENTRIES {
+        while !s.1 && s.0 > 0 && s.0 + n > self.limit {
             s = self.changed.wait(s).expect("budget lock");
         }
         s.0 += n;
@@ -99,6 +124,50 @@ impl Budget {
     }
 }
 
+/// What a read-ahead counted: the files (every entry but directories) and the bytes of regular files
+/// under its root, as the progress totals count them, once it listed the whole tree.
+#[derive(Default)]
+pub struct Tally {
+    state: Mutex<Counted>,
+    settled: Condvar,
+}
+
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    /// Still listing.
+    #[default]
+    Counting,
+    /// The whole tree was listed: its files and bytes.
+    Whole(u64, u64),
+    /// It stopped short of the whole tree (its budget filled, the walk stopped taking listings, or there
+    /// was no tree to list).
+    Partial,
+}
+
+impl Tally {
+    /// Settles the count once; later calls change nothing.
+    fn settle(&self, c: Counted) {
+        let mut s = self.state.lock().expect("tally lock");
+        if *s == Counted::Counting {
+            *s = c;
+            self.settled.notify_all();
+        }
+    }
+
+    /// Waits until the count settles: `(files, bytes)` of the whole tree, or `None` when the read-ahead
+    /// stopped short of it (then whoever wants totals counts them itself).
+    pub fn wait(&self) -> Option<(u64, u64)> {
+        let mut s = self.state.lock().expect("tally lock");
+        while *s == Counted::Counting {
+            s = self.settled.wait(s).expect("tally lock");
+        }
+        match *s {
+            Counted::Whole(files, bytes) => Some((files, bytes)),
+            _ => None,
+        }
+    }
+}
+
 /// Directory listings read ahead of a walk by a thread of their own (the module's doc). The thread stops
 /// when the walk stops taking listings, or when the last clone of this is dropped unused (a backup that
 /// failed before its walk).
@@ -108,6 +177,7 @@ pub struct ReadAhead(Arc<Handle>);
 struct Handle {
     rx: cb::Receiver<Listing>,
     budget: Arc<Budget>,
+    tally: Arc<Tally>,
 }
 
 impl Drop for Handle {
@@ -126,23 +196,59 @@ impl ReadAhead {
     /// Starts listing the directory tree at `root` (nothing for a file or device). The thread stops when
     /// the tree is listed or the walk no longer takes listings.
     pub fn start(root: &Path) -> ReadAhead {
+        Self::start_within(root, Budget::default())
+    }
+
+    fn start_within(root: &Path, budget: Budget) -> ReadAhead {
         let (tx, rx) = cb::unbounded();
-        let budget = Arc::new(Budget::default());
+        let (budget, tally) = (Arc::new(budget), Arc::new(Tally::default()));
         let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
-        if std::fs::symlink_metadata(&root).is_ok_and(|m| m.is_dir()) {
-            let b = budget.clone();
-            let _ = std::thread::Builder::new()
+        let started = std::fs::symlink_metadata(&root).is_ok_and(|m| m.is_dir()) && {
+            let (b, t) = (budget.clone(), tally.clone());
+            std::thread::Builder::new()
                 .name("ferry-ahead".into())
-                .spawn(move || read_ahead(&root, &tx, &b));
+                .spawn(move || {
+                    let mut count = (0, 0);
+                    let whole = read_ahead(&root, &tx, &b, &mut count, &t);
+                    t.settle(match whole {
+                        true => Counted::Whole(count.0, count.1),
+                        false => Counted::Partial,
+                    });
+                })
+                .is_ok()
+        };
+        if !started {
+            tally.settle(Counted::Partial);
         }
-        ReadAhead(Arc::new(Handle { rx, budget }))
+        ReadAhead(Arc::new(Handle { rx, budget, tally }))
+    }
+
+    /// What it counts of the tree, for the progress totals.
+    pub fn tally(&self) -> Arc<Tally> {
+        self.0.tally.clone()
     }
 }
 
-/// Lists `dir`, then its subdirectories in name order, depth first: the walk's order. False once the walk
-/// stopped taking listings.
-fn read_ahead(dir: &Path, tx: &cb::Sender<Listing>, budget: &Budget) -> bool {
+/// Lists `dir`, then its subdirectories in name order, depth first: the walk's order; adds the files and
+/// bytes listed to `count`. False once the walk stopped taking listings.
+fn read_ahead(
+    dir: &Path,
+    tx: &cb::Sender<Listing>,
+    budget: &Budget,
+    count: &mut (u64, u64),
+    tally: &Tally,
+) -> bool {
     let entries = list_dir(dir);
+    for (m, _) in entries
+        .iter()
+        .flatten()
+        .filter_map(|e| e.stat.as_ref().ok())
+    {
+        if !m.is_dir() {
+            count.0 += 1;
+            count.1 += if m.is_file() { m.len() } else { 0 };
+        }
+    }
     let subdirs: Vec<PathBuf> = entries
         .iter()
         .flatten()
@@ -153,9 +259,14 @@ fn read_ahead(dir: &Path, tx: &cb::Sender<Listing>, budget: &Budget) -> bool {
         dir: dir.to_path_buf(),
         entries,
     };
+    if budget.full_for(listing.weight()) {
+        tally.settle(Counted::Partial); // the walk may take long to make room: count without waiting
+    }
     budget.take(listing.weight())
         && tx.send(listing).is_ok()
-        && subdirs.iter().all(|s| read_ahead(s, tx, budget))
+        && subdirs
+            .iter()
+            .all(|s| read_ahead(s, tx, budget, count, tally))
 }
 
 /// Where a walk gets its listings: read ahead while they are in step with it, else read now. Dropping it
@@ -274,6 +385,7 @@ mod tests {
         let ahead = ReadAhead(Arc::new(Handle {
             rx,
             budget: budget.clone(),
+            tally: Default::default(),
         }));
         assert!(budget.take(AHEAD_ENTRIES));
         let producer = std::thread::spawn(move || budget.take(1) && tx.send(listing()).is_ok());
@@ -301,6 +413,19 @@ mod tests {
             dir: PathBuf::from("/"),
             entries: Ok(Vec::new()),
         }
+    }
+
+    /// A read-ahead that must wait for the walk to make room leaves the totals to the scan at once, and one
+    /// that lists the whole tree gives them.
+    #[test]
+    fn only_a_tree_listed_whole_ahead_is_counted() {
+        let t = tree();
+        let small = ReadAhead::start_within(t.path(), Budget::with_limit(2));
+        assert_eq!(small.tally().wait(), None, "its budget filled");
+        let whole = ReadAhead::start(t.path());
+        assert_eq!(whole.tally().wait(), Some((5, 26)));
+        let file = ReadAhead::start(&t.path().join("f"));
+        assert_eq!(file.tally().wait(), None, "no tree to list");
     }
 
     /// A walk elsewhere than where the read-ahead started lists its directories itself.

@@ -414,8 +414,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let progress = Arc::new(Progress::default());
             // Both run while the repository opens (the password's key derivation takes a core meanwhile).
-            ferry_engine::backup::start_scan(&path, block_device, &progress);
             let read_ahead = (!block_device).then(|| ReadAhead::start(&path));
+            ferry_engine::backup::start_scan(&path, block_device, &progress, read_ahead.as_ref());
             let repo = ctx.open().await?;
             let mut opts = BackupOptions::new(path);
             opts.block_device = block_device;

@@ -450,8 +450,8 @@ async fn backup(
     progress: Arc<Progress>,
 ) -> Result<api::BackupResult, Status> {
     // Both run while the repository opens (the password's key derivation takes a core meanwhile).
-    ferry_engine::backup::start_scan(&source, block, &progress);
     let read_ahead = (!block).then(|| ReadAhead::start(&source));
+    ferry_engine::backup::start_scan(&source, block, &progress, read_ahead.as_ref());
     let repo = target.open_or_init().await.map_err(status)?;
     let mut opts = BackupOptions::new(source);
     opts.block_device = block;
