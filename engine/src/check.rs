@@ -94,8 +94,16 @@ pub async fn check(
     }
 
     // Walk every snapshot's trees.
-    let snaps = match repo.snapshots().await {
-        Ok(s) => s,
+    // A snapshot that does not read is reported, and every other one is still checked.
+    let snaps = match repo.each_snapshot().await {
+        Ok((snaps, failed)) => {
+            r.errors.extend(
+                failed
+                    .into_iter()
+                    .map(|(name, e)| format!("snapshot {name}: {e}")),
+            );
+            snaps
+        }
         Err(e) => {
             r.errors.push(format!("snapshots: {e}"));
             return Ok(r);

@@ -32,6 +32,10 @@ const FETCH_CONCURRENCY: usize = 16;
 /// Where snapshot manifests live.
 const SNAPSHOTS: &str = "snapshots/";
 
+/// What [`Repository::each_snapshot`] read: the snapshots, oldest first, and the objects under
+/// `snapshots/` that did not read as one, by name, with why.
+pub type SnapshotsRead = (Vec<(SnapshotId, Snapshot)>, Vec<(String, Error)>);
+
 /// The repository configuration (stored encrypted as `config`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
@@ -458,22 +462,45 @@ impl Repository {
         ))
     }
 
-    /// Every snapshot, oldest first.
+    /// Every snapshot, oldest first. Fails when any object under `snapshots/` does not read as one: what
+    /// relies on the whole list (prune's view of what is used) must not go on without a part of it.
     pub async fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
+        let (found, mut failed) = self.each_snapshot().await?;
+        match failed.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(found),
+        }
+    }
+
+    /// Every snapshot that reads, oldest first, and the name and error of every object under
+    /// `snapshots/` that does not (damaged, tampered with, or not a snapshot at all). Fails only when the
+    /// storage does.
+    pub async fn each_snapshot(&self) -> Result<SnapshotsRead> {
         let listed = self.backend.list(SNAPSHOTS).await?;
-        let ids: Vec<String> = listed
+        let names: Vec<String> = listed
             .iter()
             .map(|o| o.key.trim_start_matches(SNAPSHOTS).to_string())
             .collect();
         // A snapshot forgotten between the listing and its read is gone, not an error.
-        let found: Vec<Option<(SnapshotId, Snapshot)>> = stream::iter(ids)
-            .map(|id| async move { self.parse_and_read(&id).await })
+        let read: Vec<(String, Result<_>)> = stream::iter(names)
+            .map(|name| async move {
+                let r = self.parse_and_read(&name).await;
+                (name, r)
+            })
             .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let mut out: Vec<(SnapshotId, Snapshot)> = found.into_iter().flatten().collect();
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
+            .collect()
+            .await;
+        let (mut found, mut failed) = (Vec::new(), Vec::new());
+        for (name, r) in read {
+            match r {
+                Ok(s) => found.extend(s),
+                Err(e @ (Error::Integrity(_) | Error::Format(_))) => failed.push((name, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        found.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((found, failed))
     }
 
     /// Reads one snapshot; `None` when there is none by that id (never written, or forgotten).

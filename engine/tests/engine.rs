@@ -317,6 +317,34 @@ async fn a_missing_pack_is_a_clear_error() {
     assert!(r.errors.iter().any(|e| e.contains("missing")), "{r:?}");
 }
 
+/// `check` reports every object under `snapshots/` that does not read, and still checks every snapshot
+/// that does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_damaged_snapshot_and_checks_the_others() {
+    let (src, repo_dir) = (tempdir(), tempdir());
+    rich_tree(src.path());
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let good = backup(&repo, src.path()).await;
+    let mut broken = good.snapshot.clone();
+    broken.tree = ferry_engine::id::BlobId([9; 32]);
+    repo.write_snapshot(&broken).await.unwrap();
+    let junk = format!("snapshots/{}", "0".repeat(64));
+    backend
+        .put(&junk, Bytes::from_static(b"junk"))
+        .await
+        .unwrap();
+    let r = check(reopen(&backend).await, false, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(r.snapshots, 2, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains(&"0".repeat(64))),
+        "{r:?}"
+    );
+    assert!(r.errors.iter().any(|e| e.contains("09090909")), "{r:?}");
+}
+
 /// Stores `trees` (in order, the last is the root) and a snapshot naming the root, bypassing the backup code.
 async fn forge_snapshot(repo: &Repository, trees: Vec<Tree>, data: &[&[u8]]) -> Tree {
     let keys = repo.keys();

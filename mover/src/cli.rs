@@ -652,7 +652,11 @@ async fn restore(
 
 async fn snapshots(ctx: &Ctx) -> Result<()> {
     let repo = ctx.open().await?;
-    let all = repo.snapshots().await?;
+    // The snapshots that read are listed; one that does not is named on stderr, and stops nothing.
+    let (all, failed) = repo.each_snapshot().await?;
+    for (name, e) in &failed {
+        eprintln!("warning: snapshots/{name} does not read as a snapshot ({e}); run `ferry check`");
+    }
     if ctx.global.json {
         let v: Vec<_> = all
             .iter()

@@ -106,6 +106,36 @@ fn kill_dash_nine_mid_backup_leaves_a_checkable_repository() {
     assert!(check.status.success());
 }
 
+/// One damaged object under `snapshots/` is named, and stops neither the listing nor the next backup;
+/// `check` fails on it.
+#[test]
+fn a_damaged_snapshot_is_named_and_stops_nothing_else() {
+    let (src, repo) = (tempdir(), tempdir());
+    std::fs::write(src.path().join("f"), b"some content").unwrap();
+    assert!(ferry(repo.path()).arg("init").status().unwrap().success());
+    let backup = || {
+        ferry(repo.path())
+            .arg("backup")
+            .arg(src.path())
+            .status()
+            .unwrap()
+    };
+    assert!(backup().success());
+    let junk = "0".repeat(64);
+    std::fs::write(repo.path().join("snapshots").join(&junk), b"junk").unwrap();
+    assert!(backup().success(), "a backup stopped by a damaged snapshot");
+    let out = ferry(repo.path())
+        .args(["snapshots", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&junk));
+    let check = ferry(repo.path()).arg("check").output().unwrap();
+    assert!(!check.status.success());
+}
+
 #[test]
 fn cli_errors_are_clear() {
     let (repo, empty) = (tempdir(), tempdir());
