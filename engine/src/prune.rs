@@ -28,6 +28,11 @@ use crate::repo::Repository;
 use crate::snapshot::Snapshot;
 use crate::tree::NodeKind;
 
+/// A prune with nothing to delete still merges the index segments into one once there are more than this
+/// many: every backup reads them all (a mover pod with an empty cache fetches each), and each backup
+/// writes at least one.
+pub const MERGE_SEGMENTS: usize = 32;
+
 /// Default grace period of a prune, in seconds: far longer than any backup runs.
 pub const DEFAULT_GRACE_SECONDS: u64 = 6 * 3600;
 
@@ -69,6 +74,8 @@ pub struct PruneReport {
     pub packs_repacked: usize,
     /// Backups running meanwhile (their data waits for them to finish).
     pub backups_running: usize,
+    /// Index segments replaced by one of everything that stays.
+    pub index_segments_merged: usize,
 }
 
 async fn write_pack(repo: &Repository, kind: BlobKind, w: &mut PackWriter) -> Result<IndexPack> {
@@ -284,8 +291,9 @@ async fn run(
             .count(),
         ..Default::default()
     };
-    if !due.is_empty() {
+    if !due.is_empty() || view.segments.len() > MERGE_SEGMENTS {
         delete_due(repo, lease, &view, &listed, &due, progress, &mut report).await?;
+        report.index_segments_merged = view.segments.len();
     }
     // Keep marks of what is still there; drop those of deleted packs.
     marked.generation += 1;
@@ -299,7 +307,7 @@ async fn run(
 
 /// Repacks the used blobs of due, partly used packs, writes one index of everything that stays, then deletes
 /// the index segments it replaces and the due packs — in that order, so no index ever names a missing
-/// pack that holds used data.
+/// pack that holds used data. With nothing due, this merges the index segments into one.
 async fn delete_due(
     repo: &Repository,
     lease: &Lease,

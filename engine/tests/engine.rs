@@ -920,6 +920,48 @@ async fn racing_inits_agree_on_one_repository() {
     );
 }
 
+/// Every backup writes an index segment and reads them all. A prune with nothing to delete merges them into
+/// one once there are more than `MERGE_SEGMENTS`, and the repository stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_merges_many_index_segments_into_one() {
+    use ferry_engine::prune::{MERGE_SEGMENTS, prune};
+    let (src, repo_dir, out) = (tempdir(), tempdir(), tempdir());
+    let backend = local(repo_dir.path());
+    let repo = new_repo(backend.clone()).await;
+    let segments = || files_under(&repo_dir.path().join("index")).len();
+    for i in 0..=MERGE_SEGMENTS {
+        std::fs::write(src.path().join(format!("f{i}")), format!("file {i}")).unwrap();
+        backup(&repo, src.path()).await;
+    }
+    let before = segments();
+    assert!(before > MERGE_SEGMENTS, "{before} segments");
+    let repo = reopen(&backend).await;
+    let grace = std::time::Duration::from_secs(3600);
+    let r = prune(repo.clone(), grace, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.index_segments_merged, r.packs_deleted),
+        (before, 0),
+        "{r:?}"
+    );
+    assert_eq!(segments(), 1);
+    let repo = reopen(&backend).await;
+    assert!(
+        check(repo.clone(), true, Default::default())
+            .await
+            .unwrap()
+            .ok()
+    );
+    restore_latest(&repo, out.path()).await.unwrap();
+    ferry_engine::fsmeta::compare_trees(src.path(), out.path()).unwrap();
+    // A second prune has one segment to read, and leaves it.
+    let r = prune(repo.clone(), grace, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(r.index_segments_merged, 0, "{r:?}");
+}
+
 /// Forget + prune: data only the forgotten snapshot used goes (whole packs deleted, partly used packs
 /// rewritten), everything the remaining snapshot needs stays and restores; with a grace period nothing is
 /// deleted on the first prune.

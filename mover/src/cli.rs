@@ -764,14 +764,15 @@ fn print_node(json: bool, path: &Path, n: &ferry_engine::tree::Node) {
 fn print_prune(r: &ferry_engine::prune::PruneReport) {
     println!(
         "{} snapshot(s) kept; {} pack(s) deleted ({}), {} repacked, {} in use, {} unreferenced pack(s) \
-         pending (grace period, or {} running backup(s))",
+         pending (grace period, or {} running backup(s)); {} index segment(s) merged",
         r.snapshots,
         r.packs_deleted,
         human(r.bytes_deleted),
         r.packs_repacked,
         r.packs_kept,
         r.packs_pending,
-        r.backups_running
+        r.backups_running,
+        r.index_segments_merged
     );
 }
 
