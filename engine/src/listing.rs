@@ -168,6 +168,16 @@ impl Tally {
     }
 }
 
+/// Settles a tally as partial when the read-ahead thread ends without having settled it (a panic), so the
+/// scan waiting for it counts by itself instead of waiting forever.
+struct SettleOnExit(Arc<Tally>);
+
+impl Drop for SettleOnExit {
+    fn drop(&mut self) {
+        self.0.settle(Counted::Partial);
+    }
+}
+
 /// Directory listings read ahead of a walk by a thread of their own (the module's doc). The thread stops
 /// when the walk stops taking listings, or when the last clone of this is dropped unused (a backup that
 /// failed before its walk).
@@ -208,6 +218,7 @@ impl ReadAhead {
             std::thread::Builder::new()
                 .name("ferry-ahead".into())
                 .spawn(move || {
+                    let _unwinding = SettleOnExit(t.clone());
                     let mut count = (0, 0);
                     let whole = read_ahead(&root, &tx, &b, &mut count, &t);
                     t.settle(match whole {
@@ -426,6 +437,21 @@ mod tests {
         assert_eq!(whole.tally().wait(), Some((5, 26)));
         let file = ReadAhead::start(&t.path().join("f"));
         assert_eq!(file.tally().wait(), None, "no tree to list");
+    }
+
+    /// A read-ahead thread that dies before it settles its count (a panic) leaves the totals to the scan
+    /// rather than keeping it waiting.
+    #[test]
+    fn a_read_ahead_that_dies_unsettled_leaves_the_count_to_the_scan() {
+        let tally = Arc::new(Tally::default());
+        let t = tally.clone();
+        let died = std::thread::spawn(move || {
+            let _unwinding = SettleOnExit(t);
+            panic!("a listing thread dies");
+        })
+        .join();
+        assert!(died.is_err());
+        assert_eq!(tally.wait(), None);
     }
 
     /// A walk elsewhere than where the read-ahead started lists its directories itself.
