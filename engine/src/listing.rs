@@ -96,16 +96,20 @@ impl Budget {
         }
     }
 
-    /// Whether `n` more entries would have to wait.
-    fn full_for(&self, n: usize) -> bool {
-        let s = self.state.lock().expect("budget lock");
-        s.0 > 0 && s.0 + n > self.limit
+    /// Whether `n` more entries on top of `held` exceed the budget (any number fit when none are held).
+    fn exceeds(&self, held: usize, n: usize) -> bool {
+        held > 0 && held + n > self.limit
     }
 
-    /// Waits until `n` more entries fit (any number do when none are held); false once the walk stopped.
+    /// Whether `n` more entries would have to wait.
+    fn full_for(&self, n: usize) -> bool {
+        self.exceeds(self.state.lock().expect("budget lock").0, n)
+    }
+
+    /// Waits until `n` more entries fit; false once the walk stopped.
     fn take(&self, n: usize) -> bool {
         let mut s = self.state.lock().expect("budget lock");
-        while !s.1 && s.0 > 0 && s.0 + n > self.limit {
+        while !s.1 && self.exceeds(s.0, n) {
             s = self.changed.wait(s).expect("budget lock");
         }
         s.0 += n;

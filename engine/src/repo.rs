@@ -476,31 +476,56 @@ impl Repository {
     /// `snapshots/` that does not (damaged, tampered with, or not a snapshot at all). Fails only when the
     /// storage does.
     pub async fn each_snapshot(&self) -> Result<SnapshotsRead> {
-        let listed = self.backend.list(SNAPSHOTS).await?;
-        let names: Vec<String> = listed
-            .iter()
-            .map(|o| o.key.trim_start_matches(SNAPSHOTS).to_string())
+        let names: Vec<String> = self
+            .listed_snapshots()
+            .await?
+            .into_iter()
+            .map(|(_, name)| name)
             .collect();
-        // A snapshot forgotten between the listing and its read is gone, not an error.
-        let read: Vec<(String, Result<_>)> = stream::iter(names)
-            .map(|name| async move {
-                let r = self.parse_and_read(&name).await;
-                (name, r)
-            })
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .collect()
-            .await;
+        let read = self.read_listed(names.clone()).await?;
         let (mut found, mut failed) = (Vec::new(), Vec::new());
-        for (name, r) in read {
+        for (name, r) in names.into_iter().zip(read) {
             match r {
                 Ok(s) => found.extend(s),
-                Err(e @ (Error::Integrity(_) | Error::Format(_))) => failed.push((name, e)),
-                Err(e) => return Err(e),
+                Err(e) => failed.push((name, e)),
             }
         }
         found.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         failed.sort_by(|a, b| a.0.cmp(&b.0));
         Ok((found, failed))
+    }
+
+    /// The names under `snapshots/`, each with when the storage says it was written.
+    async fn listed_snapshots(&self) -> Result<Vec<(Option<std::time::SystemTime>, String)>> {
+        Ok(self
+            .backend
+            .list(SNAPSHOTS)
+            .await?
+            .into_iter()
+            .map(|o| (o.modified, o.key.trim_start_matches(SNAPSHOTS).to_string()))
+            .collect())
+    }
+
+    /// Reads the snapshots listed as `names`, [`FETCH_CONCURRENCY`] at once, in the order given. Each is
+    /// `Ok(None)` when it is gone (a snapshot forgotten since the listing is not an error), and an error
+    /// when it does not read as a snapshot (damaged, tampered with, or not a snapshot at all). Fails only
+    /// when the storage does.
+    async fn read_listed(
+        &self,
+        names: Vec<String>,
+    ) -> Result<Vec<Result<Option<(SnapshotId, Snapshot)>>>> {
+        let read: Vec<_> = stream::iter(names)
+            .map(|name| async move { self.parse_and_read(&name).await })
+            .buffered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        read.into_iter()
+            .map(|r| match r {
+                Err(e @ (Error::Integrity(_) | Error::Format(_))) => Ok(Err(e)),
+                Err(e) => Err(e),
+                Ok(s) => Ok(Ok(s)),
+            })
+            .collect()
     }
 
     /// Reads one snapshot; `None` when there is none by that id (never written, or forgotten).
@@ -530,14 +555,10 @@ impl Repository {
         wanted: impl Fn(&Snapshot) -> bool,
     ) -> Result<Option<(SnapshotId, Snapshot)>> {
         let mut listed: Vec<(std::time::SystemTime, String)> = self
-            .backend
-            .list(SNAPSHOTS)
+            .listed_snapshots()
             .await?
             .into_iter()
-            .map(|o| {
-                let written = o.modified.unwrap_or(std::time::UNIX_EPOCH);
-                (written, o.key.trim_start_matches(SNAPSHOTS).to_string())
-            })
+            .map(|(written, name)| (written.unwrap_or(std::time::UNIX_EPOCH), name))
             .collect();
         listed.sort_by_key(|b| std::cmp::Reverse(b.0));
         let mut best: Option<(std::time::SystemTime, SnapshotId, Snapshot)> = None;
@@ -547,29 +568,23 @@ impl Repository {
             {
                 break; // every snapshot left was written before the one found
             }
-            let read: Vec<_> = stream::iter(wave.to_vec())
-                .map(|(written, hex)| async move {
-                    let r = self.parse_and_read(&hex).await;
-                    (written, hex, r)
-                })
-                .buffer_unordered(FETCH_CONCURRENCY)
-                .collect()
-                .await;
-            for (written, hex, r) in read {
+            let read = self
+                .read_listed(wave.iter().map(|(_, name)| name.clone()).collect())
+                .await?;
+            for ((written, name), r) in wave.iter().zip(read) {
                 let (id, snap) = match r {
                     Ok(Some(found)) => found,
                     Ok(None) => continue,
-                    Err(e @ (Error::Integrity(_) | Error::Format(_))) => {
-                        tracing::warn!(snapshot = %hex, error = %e, "passing over a snapshot that does not read");
+                    Err(e) => {
+                        tracing::warn!(snapshot = %name, error = %e, "passing over a snapshot that does not read");
                         continue;
                     }
-                    Err(e) => return Err(e),
                 };
                 let newer = best
                     .as_ref()
-                    .is_none_or(|(w, bid, b)| (written, &snap.time, &id) > (*w, &b.time, bid));
+                    .is_none_or(|(w, bid, b)| (*written, &snap.time, &id) > (*w, &b.time, bid));
                 if wanted(&snap) && newer {
-                    best = Some((written, id, snap));
+                    best = Some((*written, id, snap));
                 }
             }
         }
