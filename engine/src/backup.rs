@@ -514,7 +514,35 @@ async fn read_parent_tree(
 }
 
 fn pipeline_stopped() -> Error {
-    Error::Invalid("the backup pipeline stopped (see the first error)".into())
+    Error::Stopped
+}
+
+/// What the pipeline's threads report together: the walk's result, unless it only stopped because a worker
+/// failed, in which case the worker's error (the cause) is reported.
+fn pipeline_outcome<T>(
+    walked: Result<T>,
+    workers: impl IntoIterator<Item = std::thread::Result<Result<()>>>,
+) -> Result<T> {
+    let mut worker_err = None;
+    for w in workers {
+        let e = match w {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(_) => Error::Invalid("a backup worker panicked".into()),
+        };
+        if worker_err
+            .as_ref()
+            .is_none_or(|w: &Error| matches!(w.root(), Error::Stopped))
+        {
+            worker_err = Some(e);
+        }
+    }
+    match (walked, worker_err) {
+        (Err(e), Some(w)) if matches!(e.root(), Error::Stopped) => Err(w),
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(w)) => Err(w),
+        (Ok(v), None) => Ok(v),
+    }
 }
 
 /// Counts kept by the walker.
@@ -649,7 +677,8 @@ impl Walker<'_> {
         self.stats.dirs = 1;
         if let NodeKind::File { .. } = node.kind {
             // A block device's mtime says nothing about its content: always read it (dedup still applies).
-            let pnode = if block {
+            // An image file read as one has an mtime like any file's: unchanged, its parent's chunks stand.
+            let pnode = if meta.file_type().is_block_device() {
                 None
             } else {
                 parent.and_then(|t| t.find(&node.name))
@@ -893,21 +922,7 @@ async fn run(
                     let _ = r.join();
                 }
                 drop(blobs);
-                let mut worker_err = None;
-                for h in workers {
-                    match h.join() {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => worker_err = worker_err.or(Some(e)),
-                        Err(_) => {
-                            worker_err = worker_err
-                                .or(Some(Error::Invalid("a backup worker panicked".into())))
-                        }
-                    }
-                }
-                let root = result?;
-                if let Some(e) = worker_err {
-                    return Err(e);
-                }
+                let root = pipeline_outcome(result, workers.into_iter().map(|h| h.join()))?;
                 for p in packers.iter() {
                     let mut p = p.lock().expect("packer lock");
                     if !p.is_empty() {
@@ -1021,6 +1036,26 @@ mod tests {
 
     /// What a read-ahead counts while it lists a whole tree is what the scan counts: every entry but
     /// directories as a file, the sizes of regular files as bytes.
+    #[test]
+    fn a_worker_s_error_is_reported_not_the_stop_it_caused() {
+        let failed = || Ok(Err(Error::Integrity("the worker's own failure".into())));
+        let stopped = || Ok(Err(Error::Stopped));
+        // The walk stopped because the worker failed: the worker's error is the cause, reported whichever
+        // worker stopped first.
+        for workers in [vec![failed(), Ok(Ok(()))], vec![stopped(), failed()]] {
+            let e = pipeline_outcome(Err::<(), _>(Error::Stopped), workers).expect_err("failed");
+            assert!(matches!(e, Error::Integrity(_)), "{e}");
+        }
+        // A walk that failed for its own reason keeps it; a worker's panic is named.
+        let e =
+            pipeline_outcome(Err::<(), _>(Error::Canceled), vec![failed()]).expect_err("failed");
+        assert!(e.is_canceled(), "{e}");
+        let panicked: std::thread::Result<Result<()>> = Err(Box::new("boom"));
+        let e = pipeline_outcome(Ok(()), vec![panicked]).expect_err("failed");
+        assert!(e.to_string().contains("worker panicked"), "{e}");
+        assert_eq!(pipeline_outcome(Ok(7), vec![Ok(Ok(()))]).expect("ok"), 7);
+    }
+
     #[test]
     fn a_tree_listed_whole_ahead_has_the_scans_totals() {
         let t = tempfile::tempdir().expect("tempdir");

@@ -58,6 +58,10 @@ pub enum Error {
     /// The operation was canceled.
     #[error("canceled")]
     Canceled,
+    /// A backup's pipeline stopped because another of its threads failed or the backup was canceled. The
+    /// other failure is the one reported; this is reported only when nothing else is known.
+    #[error("the backup pipeline stopped")]
+    Stopped,
     /// Another process holds a lease that excludes this operation.
     #[error("repository locked: {0}")]
     Locked(String),

@@ -69,17 +69,37 @@ fn dont_need(file: &File, offset: u64, len: u64) {
 
 /// Written bytes whose pages a [`WriteBehind`] lets stay cached before advising them away again.
 const WRITE_LAG: u64 = 64 << 20;
-/// Written ranges a [`WriteBehind`] remembers at most (each holds a file descriptor).
-const WRITE_RANGES: usize = 1024;
+/// Written ranges a [`WriteBehind`] remembers at most. Each holds a file descriptor, so no more than an
+/// eighth of the process's limit on them, and never more than 1024: with a fixed 1024, a restore under
+/// `ulimit -n 256` failed with "Too many open files".
+fn write_ranges() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    ranges_within(soft)
+}
+
+/// [`write_ranges`] for a limit of `descriptors`.
+fn ranges_within(descriptors: u64) -> usize {
+    usize::try_from(descriptors / 8)
+        .unwrap_or(usize::MAX)
+        .clamp(8, 1024)
+}
 
 /// Drops written pages from the page cache once they are on disk, for a restore into a volume nobody uses
 /// yet. A dirty page cannot be dropped (the advice only starts its write-back), so each written range is
 /// advised twice: when written, which starts its write-back at once instead of up to 30 s later, and again
 /// after [`WRITE_LAG`] more bytes were written, when its write-back has most likely finished and the advice
 /// drops it. Shared by a restore's writer threads.
-#[derive(Default)]
 pub struct WriteBehind {
     ranges: Mutex<Ranges>,
+    /// The most ranges (and descriptors) remembered at once.
+    max_ranges: usize,
+}
+
+impl Default for WriteBehind {
+    fn default() -> Self {
+        Self::with_max_ranges(write_ranges())
+    }
 }
 
 #[derive(Default)]
@@ -89,6 +109,14 @@ struct Ranges {
 }
 
 impl WriteBehind {
+    /// Remembers at most `max_ranges` written ranges (at least one).
+    pub fn with_max_ranges(max_ranges: usize) -> Self {
+        WriteBehind {
+            ranges: Default::default(),
+            max_ranges: max_ranges.max(1),
+        }
+    }
+
     /// Notes that `len` bytes were just written to `file` at `offset`.
     pub fn wrote(&self, file: &File, offset: u64, len: u64) {
         dont_need(file, offset, len);
@@ -100,7 +128,7 @@ impl WriteBehind {
             r.queue.push_back((file, offset, len));
             r.bytes += len;
             let mut due = Vec::new();
-            while r.bytes > WRITE_LAG || r.queue.len() > WRITE_RANGES {
+            while r.bytes > WRITE_LAG || r.queue.len() > self.max_ranges {
                 let Some(old) = r.queue.pop_front() else {
                     break;
                 };
@@ -169,6 +197,23 @@ mod tests {
             .trim()
             .parse()
             .expect("fincore prints a number")
+    }
+
+    #[test]
+    fn write_behind_holds_a_bounded_share_of_the_descriptor_limit() {
+        assert_eq!(ranges_within(256), 32);
+        assert_eq!(ranges_within(20), 8);
+        assert_eq!(ranges_within(1 << 20), 1024);
+        assert_eq!(ranges_within(u64::MAX), 1024); // RLIM_INFINITY
+        let dir = tempfile::tempdir().expect("tempdir");
+        let behind = WriteBehind::with_max_ranges(4);
+        for k in 0..20 {
+            let f = File::create(dir.path().join(format!("f{k}"))).expect("create");
+            std::os::unix::fs::FileExt::write_all_at(&f, b"data", 0).expect("write");
+            behind.wrote(&f, 0, 4);
+        }
+        let held = behind.ranges.lock().expect("lock").queue.len();
+        assert_eq!(held, 4, "descriptors held past the bound");
     }
 
     #[test]

@@ -120,7 +120,8 @@ struct PlannedFile {
 /// How step 2 writes a planned file.
 #[derive(Clone)]
 enum Write {
-    /// Created in step 1 at its final size; chunks written at their offsets (zero ones skipped if sparse).
+    /// Created in step 1 at its final size; chunks written at their offsets (zero ones skipped if sparse,
+    /// else allocated without being written).
     Chunks,
     /// A block device: every chunk written, zeros too (a device does not read as zeros where unwritten).
     Device,
@@ -525,6 +526,25 @@ async fn fetch(repo: &Repository, r: Range) -> Result<Vec<(Range, Bytes)>> {
     )))
 }
 
+/// Makes `len` bytes at `offset` of a file created in step 1 (where it still reads as zeros) allocated, as a
+/// restore that is not sparse leaves them, without writing them: `fallocate` gives the range blocks marked
+/// unwritten, which read as zeros and cost no data I/O, where writing the zeros cost as much as writing
+/// data (a mostly empty 2 GiB image took 7 s to restore, most of it zeros). Written as zeros where the
+/// filesystem cannot allocate that way.
+fn allocate_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    match nix::fcntl::fallocate(
+        file,
+        nix::fcntl::FallocateFlags::empty(),
+        offset as libc::off_t,
+        len as libc::off_t,
+    ) {
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {
+            file.write_all_at(&vec![0u8; len as usize], offset)
+        }
+        r => r.map_err(std::io::Error::from),
+    }
+}
+
 /// Writes `len` zero bytes to a block device at `offset` without sending them through the page cache: the
 /// page-aligned middle with `fallocate(FALLOC_FL_ZERO_RANGE)` (the device's write-zeroes command, or the
 /// kernel writing zeros itself where the device has none), the unaligned edges as plain writes. The empty
@@ -587,6 +607,8 @@ fn write_chunk(
                     .map_err(io)?;
                 if all_zero && matches!(pf.how, Write::Device) {
                     zero_device_range(&file, off, data.len() as u64).map_err(io)?;
+                } else if all_zero {
+                    allocate_zeros(&file, off, data.len() as u64).map_err(io)?;
                 } else {
                     file.write_all_at(data, off).map_err(io)?;
                     if let Some(b) = &how.behind {

@@ -591,6 +591,111 @@ fn sparse_image(path: &std::path::Path, len: u64, parts: &[(u64, &[u8])]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_image_file_is_not_read_again_and_a_changed_one_is() {
+    let (dir, repo_dir) = (tempdir(), tempdir());
+    let img = dir.path().join("disk.img");
+    sparse_image(&img, 24 << 20, &[(1 << 20, &pseudo_random(2 << 20, 3))]);
+    let repo = new_repo(local(repo_dir.path())).await;
+    let backup = || {
+        let mut o = BackupOptions::new(&img);
+        o.block_device = true;
+        ferry_engine::backup::backup(repo.clone(), o, Default::default())
+    };
+    let first = backup().await.unwrap();
+    assert_eq!(first.snapshot.summary.read_bytes, 24 << 20);
+    // Unchanged (same size and mtime): its parent's chunks stand, as for any file.
+    let again = backup().await.unwrap();
+    assert_eq!(
+        again.snapshot.summary.read_bytes, 0,
+        "{:?}",
+        again.snapshot.summary
+    );
+    assert_eq!(again.snapshot.tree, first.snapshot.tree);
+    // Changed in place: read again.
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&img).unwrap(),
+        b"changed",
+        20 << 20,
+    )
+    .unwrap();
+    let changed = backup().await.unwrap();
+    assert_eq!(changed.snapshot.summary.read_bytes, 24 << 20);
+    let out = dir.path().join("restored.img");
+    ferry_engine::restore::restore(
+        repo,
+        &changed.snapshot,
+        &RestoreOptions::new(&out),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+/// Bytes of `path` in extents its filesystem reports as allocated but unwritten (`filefrag -v`, FIEMAP).
+fn unwritten_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .expect("filefrag (e2fsprogs) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "filefrag: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let block: u64 = text
+        .split("blocks of ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("filefrag reports no block size (no FIEMAP here?): {text}"));
+    text.lines()
+        .filter(|l| l.contains("unwritten"))
+        .map(|l| {
+            let len = l.split(':').nth(3).expect("an extent's length");
+            len.trim().parse::<u64>().expect("a length in blocks") * block
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_is_not_sparse_allocates_zero_runs_without_writing_them() {
+    let (dir, repo_dir) = (tempdir(), tempdir());
+    let img = dir.path().join("disk.img");
+    let data = pseudo_random(3 << 20, 5);
+    sparse_image(
+        &img,
+        48 << 20,
+        &[(1 << 20, &data), (40 << 20, b"superblock")],
+    );
+    let repo = new_repo(local(repo_dir.path())).await;
+    let mut o = BackupOptions::new(&img);
+    o.block_device = true;
+    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
+        .await
+        .unwrap();
+
+    let out = dir.path().join("restored.img");
+    let mut ro = RestoreOptions::new(&out);
+    ro.verify = true;
+    ferry_engine::restore::restore(repo, &b.snapshot, &ro, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+    // Not sparse: every byte has its block...
+    let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(allocated >= 48 << 20, "only {allocated} bytes allocated");
+    // ...but the zero runs (44 MiB less the chunks that hold data and zeros together) were not written.
+    let unwritten = unwritten_bytes(&out);
+    assert!(
+        unwritten >= 32 << 20,
+        "only {unwritten} bytes unwritten: the zeros were written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_device_images_round_trip_and_restore_sparse() {
     let (dir, repo_dir) = (tempdir(), tempdir());
     let img = dir.path().join("disk.img");

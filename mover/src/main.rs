@@ -5,9 +5,24 @@ mod cli;
 
 fn main() -> std::process::ExitCode {
     tune_malloc();
+    raise_open_files_limit();
     // The S3 client and the Kubernetes client share rustls; pin one crypto provider for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     cli::main()
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for every Go program (kopia,
+/// restic): a restore keeps files open across its writer threads and downloads, and shells and container
+/// runtimes often start processes with a soft limit of 1024 under a far higher hard one. Where it cannot be
+/// raised, the soft limit stays, and the restore keeps its own descriptors within it
+/// (`ferry_engine::pagecache`).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 /// The pipeline allocates and frees multi-MiB buffers (chunks, a restore's pack ranges of up to 8 MiB) from

@@ -1,4 +1,6 @@
-//! A backup killed with SIGKILL leaves a repository that `check` accepts, and the next backup completes.
+//! Tests of the `ferry` command line: a backup killed with SIGKILL leaves a repository that `check` accepts
+//! and the next backup completes; damaged snapshots, clear errors, and a restore under a low limit on open
+//! files.
 #![allow(clippy::unwrap_used)]
 
 // The engine's test helpers (tests of the `ferry` binary live with the binary).
@@ -182,4 +184,73 @@ fn cli_errors_are_clear() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `--drop-cache` remembers written ranges to advise them again later, each with a descriptor: with a fixed
+/// 1024 of them, this restore failed with "Too many open files" under `ulimit -n 64` (files of two chunks
+/// are what it remembers).
+#[test]
+fn a_restore_that_drops_its_pages_stays_within_a_low_limit_on_open_files() {
+    let (src, repo, out) = (tempdir(), tempdir(), tempdir());
+    for i in 0..800u64 {
+        let len = (200 << 10) + (i * 997) % (60 << 10);
+        std::fs::write(
+            src.path().join(format!("f{i}")),
+            pseudo_random(len as usize, i + 1),
+        )
+        .unwrap();
+    }
+    assert!(ferry(repo.path()).arg("init").status().unwrap().success());
+    let backup = ferry(repo.path())
+        .arg("backup")
+        .arg(src.path())
+        .output()
+        .unwrap();
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+
+    let target = out.path().join("r");
+    let restore = ferry(repo.path());
+    let restore = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$@\"", "sh"])
+        .arg(restore.get_program())
+        .args(restore.get_args())
+        .envs(restore.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .args(["restore", "latest", "--drop-cache"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    for i in [0u64, 399, 799] {
+        let name = format!("f{i}");
+        assert_eq!(
+            std::fs::read(find_file(&target, &name)).unwrap(),
+            std::fs::read(src.path().join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+/// The file named `name` somewhere under `dir` (a restore recreates the source's absolute path below it).
+fn find_file(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().is_some_and(|n| n == name) {
+            return p;
+        }
+        if p.is_dir() {
+            let found = find_file(&p, name);
+            if found.exists() {
+                return found;
+            }
+        }
+    }
+    dir.join(name)
 }
