@@ -9,7 +9,8 @@
 //! 2. Per batch: group the chunks by pack, merge nearby ones into ranged reads, fetch in parallel, decrypt
 //!    (in the fetched range itself: a chunk stored uncompressed is written from there, never copied) and
 //!    verify every chunk against its id, write it at its offsets (all-zero chunks are skipped with
-//!    `--sparse`); then the metadata of the files whose last chunk was in the batch.
+//!    `--sparse`, else allocated with `fallocate` but not written; zeroed on a device); then the metadata
+//!    of the files whose last chunk was in the batch.
 //!    With [`RestoreOptions::drop_cache`], the pages written to files of several chunks and to devices leave
 //!    the page cache once on disk (`crate::pagecache::WriteBehind`).
 //!    A file of one chunk (most files of a tree of many small files) is created when its chunk arrives,
