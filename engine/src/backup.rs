@@ -47,6 +47,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use crate::chunker::{Chunk, Chunker};
 use crate::error::{Error, Result};
 use crate::fsmeta;
+use crate::holes::Holes;
 use crate::id::{BlobId, SnapshotId};
 use crate::idtable::IdTable;
 use crate::index::{INDEX_VERSION, Index, IndexPack, IndexSegment};
@@ -208,6 +209,8 @@ impl BlobSlots {
 struct FileJob {
     path: PathBuf,
     part: Part,
+    /// Whether the file may have holes ([`crate::holes::may_have_holes`]): then they are not read.
+    holes: bool,
     reply: cb::Sender<Result<Vec<BlobId>>>,
 }
 
@@ -414,7 +417,13 @@ impl Shared {
     }
 
     /// Reads, chunks and stores one file, or one part of it.
-    fn read_file(&self, path: &Path, part: Part, tx: &cb::Sender<NewBlob>) -> Result<Vec<BlobId>> {
+    fn read_file(
+        &self,
+        path: &Path,
+        part: Part,
+        holes: bool,
+        tx: &cb::Sender<NewBlob>,
+    ) -> Result<Vec<BlobId>> {
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
@@ -425,10 +434,12 @@ impl Shared {
                 .map_err(|e| Error::io(path, e))?;
         }
         let len = part.len.unwrap_or(u64::MAX);
+        let io = |e| Error::io(path, e);
         if self.drop_cache {
-            self.chunk_file(path, DropBehind::new(f).take(len), tx)
+            let r = Holes::new(DropBehind::new(f), holes).map_err(io)?;
+            self.chunk_file(path, r.take(len), tx)
         } else {
-            self.chunk_file(path, f.take(len), tx)
+            self.chunk_file(path, Holes::new(f, holes).map_err(io)?.take(len), tx)
         }
     }
 
@@ -572,11 +583,13 @@ fn same_file(parent: &Node, now: &Node) -> bool {
 }
 
 impl Walker<'_> {
+    /// The content of the file at `path` (`holes`: it may have holes), its parent's when unchanged.
     fn file_content(
         &mut self,
         path: PathBuf,
         node: &Node,
         parent: Option<&Node>,
+        holes: bool,
     ) -> Result<Content> {
         self.stats.bytes += node.size;
         if let Some(p) = parent
@@ -593,7 +606,12 @@ impl Walker<'_> {
             let (reply, rx) = cb::bounded(1);
             let path = path.clone();
             self.jobs
-                .send(FileJob { path, part, reply })
+                .send(FileJob {
+                    path,
+                    part,
+                    holes,
+                    reply,
+                })
                 .map_err(|_| pipeline_stopped())?;
             replies.push(rx);
         }
@@ -623,7 +641,8 @@ impl Walker<'_> {
                 NodeKind::Dir { .. } => subdirs.push((nodes.len(), path)),
                 NodeKind::File { .. } => {
                     self.stats.files += 1;
-                    pending.push((nodes.len(), self.file_content(path, &node, pnode)?));
+                    let holes = crate::holes::may_have_holes(&meta);
+                    pending.push((nodes.len(), self.file_content(path, &node, pnode, holes)?));
                 }
                 _ => {
                     self.stats.files += 1;
@@ -683,7 +702,8 @@ impl Walker<'_> {
             } else {
                 parent.and_then(|t| t.find(&node.name))
             };
-            let content = self.file_content(path.to_path_buf(), &node, pnode)?;
+            let holes = crate::holes::may_have_holes(&meta);
+            let content = self.file_content(path.to_path_buf(), &node, pnode, holes)?;
             node.kind = NodeKind::File {
                 content: content.wait()?,
             };
@@ -886,7 +906,7 @@ async fn run(
                             for job in rx {
                                 let slot =
                                     job.part.is_segment().then(|| shared.segment_slots.lease());
-                                let r = shared.read_file(&job.path, job.part, &tx);
+                                let r = shared.read_file(&job.path, job.part, job.holes, &tx);
                                 drop(slot);
                                 if r.is_ok() && job.part.len.is_none() {
                                     Progress::add(&shared.progress.files_done, 1);

@@ -27,6 +27,7 @@ pub mod demo;
 pub mod error;
 pub mod forget;
 pub mod fsmeta;
+pub mod holes;
 pub mod id;
 mod idtable;
 pub mod index;

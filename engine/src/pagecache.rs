@@ -165,6 +165,22 @@ impl Read for DropBehind {
     }
 }
 
+impl Seek for DropBehind {
+    /// Moves on (a hole skipped by `crate::holes::Holes`): what lies between counts as read, to be dropped
+    /// with the rest (a hole has no pages to drop).
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let at = self.file.seek(to)?;
+        self.read = self.read.max(at.saturating_sub(self.start));
+        Ok(at)
+    }
+}
+
+impl std::os::fd::AsFd for DropBehind {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl Drop for DropBehind {
     fn drop(&mut self) {
         // At the end of the file, to the end (the kernel keeps a partly covered last page otherwise); else
