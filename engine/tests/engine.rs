@@ -617,18 +617,23 @@ async fn a_sparse_file_chunks_as_its_dense_copy_does() {
     let d = backup(dense.clone()).await.unwrap();
     assert_eq!(d.snapshot.summary.new_bytes, 0, "{:?}", d.snapshot.summary);
     let out = dir.path().join("out");
-    ferry_engine::restore::restore(
-        repo,
-        &s.snapshot,
-        &RestoreOptions::new(&out),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    restore_to(repo, &s.snapshot, &out).await;
     assert_eq!(
         std::fs::read(out.join("img")).unwrap(),
         std::fs::read(dense.join("img")).unwrap()
     );
+}
+
+/// Restores `snapshot` to `out` with the default options.
+async fn restore_to(repo: Arc<Repository>, snapshot: &Snapshot, out: &std::path::Path) {
+    ferry_engine::restore::restore(
+        repo,
+        snapshot,
+        &RestoreOptions::new(out),
+        Default::default(),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,14 +667,7 @@ async fn an_unchanged_image_file_is_not_read_again_and_a_changed_one_is() {
     let changed = backup().await.unwrap();
     assert_eq!(changed.snapshot.summary.read_bytes, 24 << 20);
     let out = dir.path().join("restored.img");
-    ferry_engine::restore::restore(
-        repo,
-        &changed.snapshot,
-        &RestoreOptions::new(&out),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    restore_to(repo, &changed.snapshot, &out).await;
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
 }
 
