@@ -434,12 +434,11 @@ impl Shared {
                 .map_err(|e| Error::io(path, e))?;
         }
         let len = part.len.unwrap_or(u64::MAX);
-        let io = |e| Error::io(path, e);
         if self.drop_cache {
-            let r = Holes::new(DropBehind::new(f), holes).map_err(io)?;
+            let r = Holes::new(DropBehind::new(f), part.offset, holes);
             self.chunk_file(path, r.take(len), tx)
         } else {
-            self.chunk_file(path, Holes::new(f, holes).map_err(io)?.take(len), tx)
+            self.chunk_file(path, Holes::new(f, part.offset, holes).take(len), tx)
         }
     }
 
@@ -500,7 +499,7 @@ impl Shared {
             }
             Ok(())
         }))
-        .unwrap_or_else(|_| Err(Error::Invalid("a backup worker panicked".into())));
+        .unwrap_or_else(|_| Err(worker_panicked()));
         if r.is_err() {
             self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -528,6 +527,10 @@ fn pipeline_stopped() -> Error {
     Error::Stopped
 }
 
+fn worker_panicked() -> Error {
+    Error::Invalid("a backup worker panicked".into())
+}
+
 /// What the pipeline's threads report together: the walk's result, unless it only stopped because a worker
 /// failed, in which case the worker's error (the cause) is reported.
 fn pipeline_outcome<T>(
@@ -539,7 +542,7 @@ fn pipeline_outcome<T>(
         let e = match w {
             Ok(Ok(())) => continue,
             Ok(Err(e)) => e,
-            Err(_) => Error::Invalid("a backup worker panicked".into()),
+            Err(_) => worker_panicked(),
         };
         if worker_err
             .as_ref()
@@ -583,13 +586,13 @@ fn same_file(parent: &Node, now: &Node) -> bool {
 }
 
 impl Walker<'_> {
-    /// The content of the file at `path` (`holes`: it may have holes), its parent's when unchanged.
+    /// The content of the file at `path` (its metadata `meta`), its parent's when unchanged.
     fn file_content(
         &mut self,
         path: PathBuf,
+        meta: &std::fs::Metadata,
         node: &Node,
         parent: Option<&Node>,
-        holes: bool,
     ) -> Result<Content> {
         self.stats.bytes += node.size;
         if let Some(p) = parent
@@ -601,6 +604,7 @@ impl Walker<'_> {
             Progress::add(&self.shared.progress.files_done, 1);
             return Ok(Content::Known(content.clone()));
         }
+        let holes = crate::holes::may_have_holes(meta);
         let mut replies = Vec::new();
         for part in parts(node.size, self.shared.segment) {
             let (reply, rx) = cb::bounded(1);
@@ -641,8 +645,7 @@ impl Walker<'_> {
                 NodeKind::Dir { .. } => subdirs.push((nodes.len(), path)),
                 NodeKind::File { .. } => {
                     self.stats.files += 1;
-                    let holes = crate::holes::may_have_holes(&meta);
-                    pending.push((nodes.len(), self.file_content(path, &node, pnode, holes)?));
+                    pending.push((nodes.len(), self.file_content(path, &meta, &node, pnode)?));
                 }
                 _ => {
                     self.stats.files += 1;
@@ -702,8 +705,7 @@ impl Walker<'_> {
             } else {
                 parent.and_then(|t| t.find(&node.name))
             };
-            let holes = crate::holes::may_have_holes(&meta);
-            let content = self.file_content(path.to_path_buf(), &node, pnode, holes)?;
+            let content = self.file_content(path.to_path_buf(), &meta, &node, pnode)?;
             node.kind = NodeKind::File {
                 content: content.wait()?,
             };

@@ -24,16 +24,15 @@ pub struct Holes<R> {
 }
 
 impl<R: Read + Seek + AsFd> Holes<R> {
-    /// Reads `inner` from its current position, asking where its holes are only if `sparse` (a file with
-    /// fewer blocks than its size: most files have no holes, and then no `lseek` is spent on them).
-    pub fn new(mut inner: R, sparse: bool) -> std::io::Result<Self> {
-        let pos = inner.stream_position()?;
-        Ok(Holes {
+    /// Reads `inner` from its current offset `at`, asking where its holes are only if `sparse` (a file
+    /// with fewer blocks than its size: most files have no holes, and then no `lseek` is spent on them).
+    pub fn new(inner: R, at: u64, sparse: bool) -> Self {
+        Holes {
             inner,
-            pos,
-            hole_end: pos,
-            data_end: if sparse { pos } else { u64::MAX },
-        })
+            pos: at,
+            hole_end: at,
+            data_end: if sparse { at } else { u64::MAX },
+        }
     }
 
     /// Finds the hole and the data from `pos` on, and leaves the file's offset at `pos`.
@@ -131,7 +130,7 @@ mod tests {
     fn read_through(path: &std::path::Path, offset: u64, sparse: bool) -> (Vec<u8>, u64) {
         let mut file = File::open(path).expect("open");
         file.seek(SeekFrom::Start(offset)).expect("seek");
-        let mut h = Holes::new(Counted { file, read: 0 }, sparse).expect("holes");
+        let mut h = Holes::new(Counted { file, read: 0 }, offset, sparse);
         let mut out = Vec::new();
         let mut buf = vec![0xAAu8; 300_000]; // not a divisor of the extents: reads end mid-hole
         loop {

@@ -617,23 +617,26 @@ async fn a_sparse_file_chunks_as_its_dense_copy_does() {
     let d = backup(dense.clone()).await.unwrap();
     assert_eq!(d.snapshot.summary.new_bytes, 0, "{:?}", d.snapshot.summary);
     let out = dir.path().join("out");
-    restore_to(repo, &s.snapshot, &out).await;
+    restore_with(repo, &s.snapshot, &RestoreOptions::new(&out)).await;
     assert_eq!(
         std::fs::read(out.join("img")).unwrap(),
         std::fs::read(dense.join("img")).unwrap()
     );
 }
 
-/// Restores `snapshot` to `out` with the default options.
-async fn restore_to(repo: Arc<Repository>, snapshot: &Snapshot, out: &std::path::Path) {
-    ferry_engine::restore::restore(
-        repo,
-        snapshot,
-        &RestoreOptions::new(out),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+/// Restores `snapshot` with `opts`.
+async fn restore_with(repo: Arc<Repository>, snapshot: &Snapshot, opts: &RestoreOptions) {
+    ferry_engine::restore::restore(repo, snapshot, opts, Default::default())
+        .await
+        .unwrap();
+}
+
+/// Options to restore to `target` and read every restored chunk back.
+fn verified(target: impl Into<std::path::PathBuf>) -> RestoreOptions {
+    RestoreOptions {
+        verify: true,
+        ..RestoreOptions::new(target)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,7 +670,7 @@ async fn an_unchanged_image_file_is_not_read_again_and_a_changed_one_is() {
     let changed = backup().await.unwrap();
     assert_eq!(changed.snapshot.summary.read_bytes, 24 << 20);
     let out = dir.path().join("restored.img");
-    restore_to(repo, &changed.snapshot, &out).await;
+    restore_with(repo, &changed.snapshot, &RestoreOptions::new(&out)).await;
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
 }
 
@@ -717,11 +720,7 @@ async fn a_restore_that_is_not_sparse_allocates_zero_runs_without_writing_them()
         .unwrap();
 
     let out = dir.path().join("restored.img");
-    let mut ro = RestoreOptions::new(&out);
-    ro.verify = true;
-    ferry_engine::restore::restore(repo, &b.snapshot, &ro, Default::default())
-        .await
-        .unwrap();
+    restore_with(repo, &b.snapshot, &verified(&out)).await;
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
     // Not sparse: every byte has its block...
     let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
@@ -829,11 +828,7 @@ async fn a_large_file_is_read_in_segments_that_chunk_like_files_of_their_own() {
     }
     assert_eq!(content_of(&repo, &b.snapshot, b"big").await, joined);
 
-    let mut ro = RestoreOptions::new(out.path());
-    ro.verify = true;
-    ferry_engine::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
-        .await
-        .unwrap();
+    restore_with(repo.clone(), &b.snapshot, &verified(out.path())).await;
     assert_eq!(std::fs::read(out.path().join("big")).unwrap(), data);
 
     // A block device image in segments, with a length that is not a multiple of them.
@@ -845,11 +840,7 @@ async fn a_large_file_is_read_in_segments_that_chunk_like_files_of_their_own() {
         .await
         .unwrap();
     let restored = out.path().join("restored.img");
-    let mut ro = RestoreOptions::new(&restored);
-    ro.verify = true;
-    ferry_engine::restore::restore(repo.clone(), &b.snapshot, &ro, Default::default())
-        .await
-        .unwrap();
+    restore_with(repo.clone(), &b.snapshot, &verified(&restored)).await;
     assert_eq!(std::fs::read(&restored).unwrap(), &data[..len - 12345]);
 }
 
