@@ -624,6 +624,16 @@ async fn a_sparse_file_chunks_as_its_dense_copy_does() {
     );
 }
 
+/// Backs up the image file `img` as a block device (`--block-device`).
+async fn backup_image(
+    repo: &Arc<Repository>,
+    img: &std::path::Path,
+) -> ferry_engine::Result<ferry_engine::backup::BackupOutcome> {
+    let mut o = BackupOptions::new(img);
+    o.block_device = true;
+    ferry_engine::backup::backup(repo.clone(), o, Default::default()).await
+}
+
 /// Restores `snapshot` with `opts`.
 async fn restore_with(repo: Arc<Repository>, snapshot: &Snapshot, opts: &RestoreOptions) {
     ferry_engine::restore::restore(repo, snapshot, opts, Default::default())
@@ -645,11 +655,7 @@ async fn an_unchanged_image_file_is_not_read_again_and_a_changed_one_is() {
     let img = dir.path().join("disk.img");
     sparse_image(&img, 24 << 20, &[(1 << 20, &pseudo_random(2 << 20, 3))]);
     let repo = new_repo(local(repo_dir.path())).await;
-    let backup = || {
-        let mut o = BackupOptions::new(&img);
-        o.block_device = true;
-        ferry_engine::backup::backup(repo.clone(), o, Default::default())
-    };
+    let backup = || backup_image(&repo, &img);
     let first = backup().await.unwrap();
     assert_eq!(first.snapshot.summary.read_bytes, 24 << 20);
     // Unchanged (same size and mtime): its parent's chunks stand, as for any file.
@@ -713,11 +719,7 @@ async fn a_restore_that_is_not_sparse_allocates_zero_runs_without_writing_them()
         &[(1 << 20, &data), (40 << 20, b"superblock")],
     );
     let repo = new_repo(local(repo_dir.path())).await;
-    let mut o = BackupOptions::new(&img);
-    o.block_device = true;
-    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
-        .await
-        .unwrap();
+    let b = backup_image(&repo, &img).await.unwrap();
 
     let out = dir.path().join("restored.img");
     restore_with(repo, &b.snapshot, &verified(&out)).await;
@@ -747,11 +749,7 @@ async fn block_device_images_round_trip_and_restore_sparse() {
     );
     let backend = local(repo_dir.path());
     let repo = new_repo(backend.clone()).await;
-    let mut o = BackupOptions::new(&img);
-    o.block_device = true;
-    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
-        .await
-        .unwrap();
+    let b = backup_image(&repo, &img).await.unwrap();
     assert_eq!(b.snapshot.source, SourceKind::Block);
     assert_eq!(b.snapshot.summary.total_bytes, 48 << 20);
     assert!(
@@ -880,11 +878,7 @@ async fn a_block_snapshot_restores_onto_a_used_device_with_its_zeros_written() {
         ],
     );
     let repo = new_repo(local(repo_dir.path())).await;
-    let mut o = BackupOptions::new(&img);
-    o.block_device = true;
-    let b = ferry_engine::backup::backup(repo.clone(), o, Default::default())
-        .await
-        .unwrap();
+    let b = backup_image(&repo, &img).await.unwrap();
 
     // The device held other data everywhere: the snapshot's zeros must replace it.
     let dev = LoopDev::new(32 << 20, |p| {
