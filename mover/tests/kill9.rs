@@ -80,15 +80,10 @@ fn kill_dash_nine_mid_backup_leaves_a_checkable_repository() {
     );
 
     // The next backup completes and restores exactly.
-    let out = ferry(repo.path())
-        .args(["backup", "--json"])
-        .arg(src.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        ferry(repo.path())
+            .args(["backup", "--json"])
+            .arg(src.path()),
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["totalBytes"], 12 * (16 << 20));
@@ -201,32 +196,18 @@ fn a_restore_that_drops_its_pages_stays_within_a_low_limit_on_open_files() {
         .unwrap();
     }
     assert!(ferry(repo.path()).arg("init").status().unwrap().success());
-    let backup = ferry(repo.path())
-        .arg("backup")
-        .arg(src.path())
-        .output()
-        .unwrap();
-    assert!(
-        backup.status.success(),
-        "{}",
-        String::from_utf8_lossy(&backup.stderr)
-    );
+    succeeds(ferry(repo.path()).arg("backup").arg(src.path()));
 
     let target = out.path().join("r");
     let restore = ferry(repo.path());
-    let restore = Command::new("sh")
-        .args(["-c", "ulimit -n 64 && exec \"$@\"", "sh"])
-        .arg(restore.get_program())
-        .args(restore.get_args())
-        .envs(restore.get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .args(["restore", "latest", "--drop-cache"])
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        restore.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restore.stderr)
+    succeeds(
+        Command::new("sh")
+            .args(["-c", "ulimit -n 64 && exec \"$@\"", "sh"])
+            .arg(restore.get_program())
+            .args(restore.get_args())
+            .envs(restore.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .args(["restore", "latest", "--drop-cache"])
+            .arg(&target),
     );
     for i in [0u64, 399, 799] {
         let name = format!("f{i}");
@@ -236,6 +217,17 @@ fn a_restore_that_drops_its_pages_stays_within_a_low_limit_on_open_files() {
             "{name}"
         );
     }
+}
+
+/// Runs `c` and checks it succeeded (its stderr in the failure).
+fn succeeds(c: &mut Command) -> std::process::Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// The file named `name` somewhere under `dir` (a restore recreates the source's absolute path below it).
