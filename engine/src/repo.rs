@@ -244,7 +244,10 @@ impl Repository {
                 .map_err(|e| Error::Format(format!("key file {}: {e}", o.key)))?;
             let wrapped = hex::decode(&kf.master)
                 .map_err(|e| Error::Format(format!("key file {}: {e}", o.key)))?;
-            let mut kek = crypto::derive_kek(password, &salt, kf.params)?;
+            let mut kek = crypto::derive_kek(password, &salt, kf.params).map_err(|e| match e {
+                Error::Format(m) => Error::Format(format!("key file {}: {m}", o.key)),
+                e => e,
+            })?;
             let opened = crypto::open_with(&kek, Kind::MasterKey, &wrapped);
             zeroize::Zeroize::zeroize(&mut kek);
             if let Ok(mut m) = opened {

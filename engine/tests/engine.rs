@@ -1161,3 +1161,35 @@ async fn prune_removes_only_what_forgotten_snapshots_used() {
     assert_eq!(repo.snapshots().await.unwrap().len(), 1);
     assert_eq!(repo.snapshots().await.unwrap()[0].0, b.id);
 }
+
+/// A key file's derivation parameters are read before the password can be checked, so a corrupt or tampered
+/// one must not make `open` allocate terabytes (an abort) or loop for hours: it is refused with a clear error.
+#[tokio::test]
+async fn a_key_file_asking_for_absurd_key_derivation_is_refused() {
+    let dir = tempdir();
+    let backend = local(dir.path());
+    new_repo(backend.clone()).await;
+    let key = backend
+        .list("keys/")
+        .await
+        .expect("list keys")
+        .remove(0)
+        .key;
+    let good: serde_json::Value =
+        serde_json::from_slice(&backend.get(&key).await.expect("key file")).expect("json");
+    for (field, value) in [("m_kib", u32::MAX), ("t", u32::MAX), ("p", 1 << 20)] {
+        let mut kf = good.clone();
+        kf["params"][field] = value.into();
+        let path = dir.path().join(&key);
+        std::fs::write(&path, serde_json::to_vec(&kf).expect("json")).expect("write key file");
+        let err = Repository::open(backend.clone(), PASSWORD, &no_cache())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{field} = {value}: opened"));
+        let msg = err.to_string();
+        assert!(
+            matches!(err, ferry_engine::Error::Format(_)) && msg.contains(field),
+            "{field} = {value}: {msg}"
+        );
+    }
+}
