@@ -110,9 +110,7 @@ pub struct BackupOptions {
 impl BackupOptions {
     /// Defaults for `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
+        let cpus = crate::cpus();
         BackupOptions {
             path: path.into(),
             block_device: false,

@@ -291,11 +291,6 @@ impl KdfParams {
     }
 }
 
-/// The CPUs this process may use (at least 1).
-fn cpus() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u32)
-}
-
 /// Derives a key-encryption key from a password with Argon2id, its lanes in parallel (`argon2-rust`: the
 /// reference implementation's algorithm with SIMD; bit-exact with the RustCrypto `argon2` crate that wrote
 /// the first key files, as the known answers in the tests check).
@@ -305,7 +300,7 @@ pub fn derive_kek(password: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; 32]
         .memory(argon2_rust::params::Memory::kib(u64::from(p.m_kib)))
         .passes(p.t)
         .lanes(p.p)
-        .threads(p.p.min(cpus()))
+        .threads((p.p as usize).min(crate::cpus()) as u32) // p <= KDF_MAX_P, checked above
         .build()
         .map_err(|e| Error::Format(format!("bad key derivation parameters: {e}")))?;
     let argon = argon2_rust::Argon2::new(

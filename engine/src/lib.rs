@@ -46,3 +46,9 @@ pub mod testdata;
 pub mod tree;
 
 pub use error::{Error, Result};
+
+/// The CPUs this process may use (its affinity and CPU quota), 2 when that cannot be read: what the backup's
+/// thread counts and the key derivation's threads are sized by.
+pub(crate) fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
